@@ -1,0 +1,201 @@
+"""Batched generation with the KV cache, plus a per-step tracker that hooks can read.
+
+Step alignment (docs/architecture.md): forward call ``s`` of ``generate`` predicts generated token ``s``;
+call 0 is the prefill. The :class:`DecodeTracker` knows, at any point inside call ``s``, the step index,
+which rows are still generating, and each row's top-token probability from call ``s - 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lrs.errors import LRSError
+
+
+@dataclass
+class Generation:
+    """One generated completion: text, token ids, and whether it stopped by itself (not truncated)."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    conf: list[float] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """All token ids that end a completion (generation config + tokenizer), deduplicated."""
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+class DecodeTracker:
+    """Follows one ``generate`` call: step index, live rows, previous-step confidence (per row).
+
+    It registers a forward pre-hook on the model (to see ``input_ids`` and the attention mask) and a
+    forward hook on the output embedding (to read the top-token probability). Layer hooks registered
+    *after* entering the tracker see its state for the current call.
+    """
+
+    def __init__(self, model, stop_ids: Sequence[int], record_conf: bool = True):
+        self.model = model
+        self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long)
+        self.record_conf = record_conf
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = -1
+        self.live: torch.Tensor | None = None  # [B] bool, rows still generating at this step
+        self.conf_prev: torch.Tensor | None = None  # [B] float, top prob of the previous step
+        self.conf_now: torch.Tensor | None = None
+        self.prompt_mask: torch.Tensor | None = None  # [B, P] attention mask of the prompt
+        self.confs: list[torch.Tensor] = []
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise LRSError("lrs hooks need generate() to pass input_ids (inputs_embeds is not supported)")
+        past = kwargs.get("past_key_values")
+        prefill = self.live is None or past is None or _cache_len(past) == 0
+        if prefill:
+            self.reset()
+            self.step = 0
+            self.live = torch.ones(ids.shape[0], dtype=torch.bool)
+            mask = kwargs.get("attention_mask")
+            self.prompt_mask = (
+                mask.bool().cpu() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+            )
+        else:
+            self.step += 1
+            last = ids[:, -1].cpu()
+            self.live = self.live & ~torch.isin(last, self.stop_ids)
+        self.conf_prev = self.conf_now
+
+    def _post_head(self, module, args, output):
+        if not self.record_conf:
+            return
+        logits = output[0] if isinstance(output, tuple) else output
+        conf = torch.softmax(logits[:, -1].float(), dim=-1).amax(dim=-1).cpu()
+        self.conf_now = conf
+        self.confs.append(conf)
+
+    @contextlib.contextmanager
+    def attach(self) -> Iterator[DecodeTracker]:
+        """Register the hooks for the duration of the block."""
+        head = self.model.get_output_embeddings()
+        handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        if head is not None:
+            handles.append(head.register_forward_hook(self._post_head))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _cache_len(past) -> int:
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden-state tensor of a decoder layer's output (a tensor in transformers 5, a tuple in 4.x)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_layer_output(output, hidden: torch.Tensor):
+    """Return the layer output with its hidden states replaced, keeping the same structure."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _split_completion(ids: list[int], stop: set[int], pad_id: int | None) -> tuple[list[int], bool]:
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[: i + 1], True
+    while pad_id is not None and ids and ids[-1] == pad_id and pad_id not in stop:
+        ids = ids[:-1]
+    return ids, False
+
+
+BatchHook = Callable[[int, list[int], "DecodeTracker"], contextlib.AbstractContextManager]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 384,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    context: BatchHook | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Generation]:
+    """Generate a completion for every prompt (greedy unless ``temperature > 0``), batched, KV cache on.
+
+    Prompts are grouped by length to limit padding; results come back in the input order. ``context``
+    is called as ``context(batch_index, prompt_indices, tracker)`` and entered around each batch's ``generate``
+    (this is how traces are recorded and steering is applied). Sampling is seeded per batch, so a
+    batch's output does not depend on which batches ran before it.
+    """
+    if not prompts:
+        raise LRSError("nothing to generate: the prompt list is empty")
+    stop = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    results: list[Generation | None] = [None] * len(prompts)
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        pad_token_id=pad_id,
+        eos_token_id=stop,
+        use_cache=True,
+    )
+    if temperature > 0:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    tracker = DecodeTracker(model, stop)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
+    n_tok, t0 = 0, time.perf_counter()
+    for b, idx in enumerate(batches):
+        enc = tokenizer(
+            [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        enc = enc.to(model.device)
+        torch.manual_seed(seed * 100003 + b)
+        with torch.no_grad(), tracker.attach():
+            ctx = context(b, idx, tracker) if context is not None else contextlib.nullcontext()
+            with ctx:
+                out = model.generate(**enc, **gen_kwargs)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        confs = torch.stack(tracker.confs, dim=1) if tracker.confs else None
+        for row, i in enumerate(idx):
+            ids, finished = _split_completion(new[row], set(stop), pad_id)
+            conf = confs[row, : len(ids)].tolist() if confs is not None else []
+            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, finished, conf)
+            n_tok += len(ids)
+        bar.update(len(idx))
+        bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,128 @@
+"""Statistics every report needs: bootstrap CIs, paired comparison with exact McNemar, AUROC helpers.
+
+All functions take plain lists or arrays and return plain floats/dicts, so results stay JSON-able.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import binomtest, rankdata
+
+from lrs.errors import LRSError
+
+_CHUNK = 1000  # bootstrap resamples drawn at once (bounds memory for long result lists)
+
+
+def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for i in range(0, n_boot, _CHUNK):
+        m = min(_CHUNK, n_boot - i)
+        out[i : i + m] = x[rng.integers(0, len(x), size=(m, len(x)))].mean(axis=1)
+    return out
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, *, n_boot: int = 10000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean (e.g. accuracy from 0/1 values); (nan, nan) when empty."""
+    x = np.asarray(values, dtype=float).reshape(-1)
+    if len(x) == 0:
+        return (math.nan, math.nan)
+    means = _boot_means(x, n_boot, seed)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+def mcnemar_exact(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar p: binomial test of ``fixed`` among the discordant pairs (1.0 if there are none)."""
+    if fixed + broken == 0:
+        return 1.0
+    return float(binomtest(int(fixed), int(fixed + broken), 0.5).pvalue)
+
+
+def paired_comparison(
+    base_correct: Sequence[bool | int], method_correct: Sequence[bool | int], *, seed: int = 0
+) -> dict:
+    """Compare two methods on the same problems: accuracies, delta with a paired bootstrap CI, fixed/broken,
+    exact McNemar p."""
+    b = np.asarray(base_correct, dtype=bool).reshape(-1)
+    m = np.asarray(method_correct, dtype=bool).reshape(-1)
+    if len(b) != len(m):
+        raise LRSError(
+            f"paired comparison needs the same problems: got {len(b)} base and {len(m)} method results"
+        )
+    n = len(b)
+    fixed, broken = int((~b & m).sum()), int((b & ~m).sum())
+    acc_b = float(b.mean()) if n else math.nan
+    acc_m = float(m.mean()) if n else math.nan
+    return dict(
+        n=n,
+        acc_base=acc_b,
+        acc_method=acc_m,
+        delta=acc_m - acc_b,
+        delta_ci=list(bootstrap_ci(m.astype(float) - b.astype(float), seed=seed)),
+        fixed=fixed,
+        broken=broken,
+        mcnemar_p=mcnemar_exact(fixed, broken),
+    )
+
+
+def format_comparison(cmp: dict, name: str = "method") -> str:
+    """One line a user reads: method vs base accuracy, delta with CI, fixed/broken and McNemar p."""
+    lo, hi = cmp["delta_ci"]
+    return (
+        f"{name} vs base: {cmp['acc_method']:.1%} vs {cmp['acc_base']:.1%} (delta {cmp['delta']:+.1%}, "
+        f"95% CI {lo:+.1%} to {hi:+.1%}), fixed {cmp['fixed']} / broken {cmp['broken']}, "
+        f"exact McNemar p = {cmp['mcnemar_p']:.3g} (n={cmp['n']})"
+    )
+
+
+def _rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUROC from average ranks (ties count 0.5); nan when a class is missing."""
+    n1 = int(labels.sum())
+    n0 = len(labels) - n1
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    r = rankdata(scores)
+    return float((r[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """AUROC of ``scores`` for ``labels`` (1 = positive), ties averaged; nan when one class is missing."""
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    if len(s) != len(y):
+        raise LRSError(f"auroc needs one score per label: got {len(s)} scores and {len(y)} labels")
+    return _rank_auc(s, y)
+
+
+def within_group_auroc(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, groups: Sequence
+) -> tuple[float, int, int]:
+    """Fraction of (right, wrong) pairs from the same group (problem) where the right one scores higher
+    (ties 0.5), pooled over groups holding both labels; returns (value, n_pairs, n_groups_used)."""
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    if not (len(s) == len(y) == len(groups)):
+        raise LRSError(
+            f"within-group auroc needs equal lengths: {len(s)} scores, {len(y)} labels, {len(groups)} groups"
+        )
+    idx: dict = defaultdict(list)
+    for i, g in enumerate(groups):
+        idx[g].append(i)
+    wins, pairs, used = 0.0, 0, 0
+    for members in idx.values():
+        ys, ss = y[members], s[members]
+        n1 = int(ys.sum())
+        n0 = len(ys) - n1
+        if n1 == 0 or n0 == 0:
+            continue
+        wins += _rank_auc(ss, ys) * n1 * n0
+        pairs += n1 * n0
+        used += 1
+    return (wins / pairs if pairs else math.nan, pairs, used)

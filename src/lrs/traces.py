@@ -1,0 +1,284 @@
+"""Stage 1: generate on a task's train split and keep every generated token's hidden state, sharded and resumable.
+
+A collection directory holds ``manifest.json`` and one ``shard-NNNNN.safetensors`` per generation batch.
+A shard is written atomically and only then listed in the manifest (also replaced atomically), so a run
+killed at any moment resumes by redoing the unlisted batches; batches are fixed by the settings and
+sampling is seeded per batch, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lrs import __version__
+from lrs.errors import LRSError
+from lrs.generation import DecodeTracker, generate, layer_output
+from lrs.grading import grade
+from lrs.models import decoder_layers, model_name, resolve_layer
+from lrs.tasks import Problem, build_prompts
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Trace:
+    """One generated trace: per-token hidden states at each collected layer, tokens, confidences, label."""
+
+    id: str
+    problem_id: str
+    sample: int
+    label: int
+    truncated: bool
+    hidden: dict[int, torch.Tensor]  # layer -> [T, d]
+    prompt: dict[int, torch.Tensor]  # layer -> [d] mean prompt state
+    tokens: torch.Tensor  # [T]
+    conf: torch.Tensor  # [T]
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class TraceSet:
+    """A collection directory opened for reading; iterating loads shards one at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / MANIFEST
+        if not mf.exists():
+            raise LRSError(
+                f"no trace collection at {self.path} (missing {MANIFEST}); run `lrs collect` first"
+            )
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise LRSError(f"corrupt manifest {mf}: {e}") from None
+        self.config: dict = self.manifest["config"]
+        self.records: list[dict] = [r for b in self.manifest["batches"] for r in b["traces"]]
+        if not self.records:
+            raise LRSError(f"trace collection {self.path} holds no traces yet")
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.config["layers"])
+
+    @property
+    def labels(self) -> list[int]:
+        return [r["label"] for r in self.records]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.manifest["batches"]) == self.manifest["n_batches"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def fingerprint(self) -> str:
+        """A short hash of what was collected (ids, labels, shard contents) for artefact provenance."""
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for b in self.manifest["batches"]:
+            h.update(b["sha256"].encode())
+        return h.hexdigest()[:16]
+
+    def __iter__(self) -> Iterator[Trace]:
+        for b in self.manifest["batches"]:
+            try:
+                data = load_file(str(self.path / b["shard"]))
+            except (SafetensorsError, OSError) as e:
+                raise LRSError(f"cannot read shard {self.path / b['shard']}: {e}") from None
+            for r in b["traces"]:
+                i = r["index"]
+                yield Trace(
+                    id=r["id"],
+                    problem_id=r["problem_id"],
+                    sample=r["sample"],
+                    label=r["label"],
+                    truncated=r["truncated"],
+                    hidden={L: data[f"h.{L}.{i}"] for L in self.layers},
+                    prompt={L: data[f"p.{L}.{i}"] for L in self.layers},
+                    tokens=data[f"tok.{i}"],
+                    conf=data[f"conf.{i}"],
+                )
+
+    def states(self, layer: int, max_states: int | None = None, seed: int = 0) -> torch.Tensor:
+        """All generated-token states at ``layer`` stacked to ``[N, d]`` (optionally a seeded subsample)."""
+        if layer not in self.layers:
+            raise LRSError(f"layer {layer} was not collected in {self.path}; collected layers: {self.layers}")
+        x = torch.cat([t.hidden[layer] for t in self])
+        if max_states is not None and x.shape[0] > max_states:
+            g = torch.Generator().manual_seed(seed)
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_states]]
+        return x
+
+
+class _Recorder:
+    """Forward hooks on the collected layers: keep the last position's state each call, and the prompt mean."""
+
+    def __init__(self, model, layers: Sequence[int], tracker: DecodeTracker):
+        self.model, self.layers, self.tracker = model, list(layers), tracker
+        self.steps: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+        self.prompt: dict[int, torch.Tensor] = {}
+
+    def _hook(self, layer: int):
+        def fn(module, args, output):
+            h = layer_output(output)
+            self.steps[layer].append(h[:, -1].detach().cpu())
+            if self.tracker.step == 0:
+                m = self.tracker.prompt_mask[:, -h.shape[1] :].unsqueeze(-1).to(torch.float32)
+                self.prompt[layer] = (h.detach().float().cpu() * m).sum(1) / m.sum(1).clamp_min(1)
+
+        return fn
+
+    @contextlib.contextmanager
+    def attach(self):
+        blocks = decoder_layers(self.model)
+        handles = [blocks[L].register_forward_hook(self._hook(L)) for L in self.layers]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def collect_traces(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    out_dir: str | Path,
+    *,
+    layers: Sequence[int] = (12,),
+    samples_per_problem: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 384,
+    batch_size: int = 8,
+    seed: int = 0,
+    prompt_style: str = "base",
+    meta: dict | None = None,
+    progress: bool = True,
+) -> TraceSet:
+    """Generate traces for ``problems`` and store hidden states at ``layers``; resumes an unfinished run.
+
+    Rerunning with the same settings continues where a killed run stopped; different settings in an
+    existing directory are refused (use a new directory).
+    """
+    if not problems:
+        raise LRSError("no problems to collect traces on (empty split or --limit 0)")
+    if samples_per_problem > 1 and temperature <= 0:
+        raise LRSError(
+            "--samples-per-problem > 1 needs --temperature > 0 (greedy samples would be identical)"
+        )
+    layers = sorted({resolve_layer(model, L) for L in layers})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, s) for p in problems for s in range(samples_per_problem)]
+    prompts = build_prompts(tokenizer, [p for p, _ in jobs], style=prompt_style)
+    order = sorted(range(len(jobs)), key=lambda i: (len(prompts[i]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    config = dict(
+        model=model_name(model),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        layers=layers,
+        problems=[p.id for p in problems],
+        samples_per_problem=samples_per_problem,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        prompt_style=prompt_style,
+        **(meta or {}),
+    )
+    manifest = {"config": config, "n_batches": len(batches), "batches": [], "lrs_version": __version__}
+    mf = out / MANIFEST
+    if mf.exists():
+        old = json.loads(mf.read_text())
+        if old["config"] != config:
+            diff = sorted(
+                k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k)
+            )
+            raise LRSError(
+                f"{out} holds a collection with different settings ({', '.join(diff)}); use a new --out"
+            )
+        manifest = old
+    done = {b["batch"] for b in manifest["batches"]}
+    bar = tqdm(total=len(jobs), desc="collect", unit="trace", disable=not progress, dynamic_ncols=True)
+    bar.update(sum(len(batches[b]) for b in done))
+    for b, idx in enumerate(batches):
+        if b in done:
+            continue
+        rec: dict = {}
+
+        def ctx(_b, _idx, tracker, rec=rec):
+            rec["r"] = _Recorder(model, layers, tracker)
+            return rec["r"].attach()
+
+        gens = generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in idx],
+            max_new_tokens=max_new_tokens,
+            batch_size=len(idx),
+            temperature=temperature,
+            seed=seed * 1_000_003 + b,
+            context=ctx,
+            progress=False,
+        )
+        grades = grade([g.text for g in gens], [jobs[i][0].answer for i in idx])
+        r: _Recorder = rec["r"]
+        tensors, records = {}, []
+        for row, (i, g, gr) in enumerate(zip(idx, gens, grades, strict=True)):
+            p, s = jobs[i]
+            T = g.n_tokens
+            for L in layers:
+                tensors[f"h.{L}.{i}"] = torch.stack([st[row] for st in r.steps[L][:T]])
+                tensors[f"p.{L}.{i}"] = r.prompt[L][row]
+            tensors[f"tok.{i}"] = torch.tensor(g.token_ids, dtype=torch.int32)
+            tensors[f"conf.{i}"] = torch.tensor(g.conf, dtype=torch.float32)
+            records.append(
+                dict(
+                    index=i,
+                    id=f"{p.id}#{s}",
+                    problem_id=p.id,
+                    sample=s,
+                    label=int(gr.correct),
+                    length=T,
+                    truncated=not g.finished,
+                    answer=gr.pred,
+                    gold=p.answer,
+                    text=g.text,
+                )
+            )
+        shard = f"shard-{b:05d}.safetensors"
+        _atomic_safetensors(out / shard, tensors)
+        digest = hashlib.sha256((out / shard).read_bytes()).hexdigest()
+        manifest["batches"].append(dict(batch=b, shard=shard, sha256=digest, traces=records))
+        manifest["batches"].sort(key=lambda x: x["batch"])
+        _atomic_json(mf, manifest)
+        bar.update(len(idx))
+        n = sum(len(x["traces"]) for x in manifest["batches"])
+        acc = sum(t["label"] for x in manifest["batches"] for t in x["traces"]) / max(n, 1)
+        bar.set_postfix(acc=f"{acc:.2f}")
+    bar.close()
+    return TraceSet(out)

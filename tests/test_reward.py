@@ -1,0 +1,230 @@
+"""Latent reward models: causality, sliding window, score_last, training, group split, save/load, the report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lrs.errors import LRSError
+from lrs.reward import (
+    RewardConfig,
+    RewardModel,
+    format_report,
+    load_reward_model,
+    save_reward_model,
+    score_traces,
+    split_by_group,
+    train_reward_model,
+)
+from lrs.stats import auroc
+
+SMALL = dict(d_model=16, n_heads=2, dropout=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest (and stay fast on a shared 2-core box) with one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synth(n_problems=40, k=3, lengths=(20, 60), signal_from=10, latent_signal=1.5, prompt_signal=0.0, seed=0):
+    """Traces whose label shows in latent 0 only from position `signal_from` on (and optionally in the prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(latents=[], labels=[], groups=[], conf=[], prompt=[])
+    for p in range(n_problems):
+        for _ in range(k):
+            y = int(torch.rand(1, generator=g) < 0.5)
+            T = int(torch.randint(*lengths, (1,), generator=g))
+            z = torch.randn(T, 4, generator=g)
+            z[signal_from:, 0] += latent_signal * (2 * y - 1)
+            prompt = torch.randn(8, generator=g)
+            prompt[0] += prompt_signal * (2 * y - 1)
+            out["latents"].append(z)
+            out["labels"].append(y)
+            out["groups"].append(f"p{p}")
+            out["conf"].append(torch.rand(T, generator=g))
+            out["prompt"].append(prompt)
+    return out
+
+
+def model(kind, **kw):
+    torch.manual_seed(0)
+    return RewardModel(4, RewardConfig(kind=kind, **(SMALL | kw))).eval()
+
+
+@pytest.mark.parametrize("kind,sees_future", [("causal", False), ("mlp", False), ("bidirectional", True)])
+def test_logit_at_t_uses_only_the_past_for_causal_and_mlp(kind, sees_future):
+    rm, t = model(kind), 12
+    z = torch.randn(2, 30, 4)
+    z2 = z.clone()
+    z2[:, t + 1 :] += 5 * torch.randn(2, 30 - t - 1, 4)
+    a, b = rm(z)[:, : t + 1], rm(z2)[:, : t + 1]
+    assert (not torch.equal(a, b)) == sees_future
+
+
+def test_sliding_window_forgets_latents_older_than_the_window():
+    rm, t, w = model("causal", window=8), 25, 8
+    z = torch.randn(1, 30, 4)
+    old = z.clone()
+    old[:, : t - w + 1] += 5 * torch.randn(1, t - w + 1, 4)  # everything at or before t - window
+    assert torch.equal(rm(z)[:, t], rm(old)[:, t])
+    recent = z.clone()
+    recent[:, t - 1] += 5.0
+    assert not torch.allclose(rm(z)[:, t], rm(recent)[:, t])
+
+
+def test_score_last_equals_forward_and_has_a_gradient():
+    rm, w = model("causal", window=8), 8
+    z = torch.randn(1, 40, 4)
+    full = rm(z)[0]
+    same = dict(rtol=0, atol=1e-6)  # fp32: equal up to summation order inside different-size matmuls
+    for t in (7, 20, 39):  # a history of exactly the window
+        pos = torch.arange(t - w + 1, t + 1)[None]
+        got = rm.score_last(z[:, t - w + 1 : t + 1], torch.ones(1, w, dtype=torch.bool), pos)[0]
+        torch.testing.assert_close(got, full[t], **same)
+    long = torch.arange(40 - 20, 40)[None]  # a history longer than the window is cropped: same value
+    torch.testing.assert_close(
+        rm.score_last(z[:, 20:], torch.ones(1, 20, dtype=torch.bool), long)[0], full[39], **same
+    )
+    wrong_pos = torch.arange(8)[None]  # the absolute position matters, not the column
+    assert not torch.allclose(
+        rm.score_last(z[:, 32:], torch.ones(1, w, dtype=torch.bool), wrong_pos)[0], full[39]
+    )
+    hist = z[:, 32:].clone().requires_grad_(True)
+    rm.score_last(hist, torch.ones(1, w, dtype=torch.bool), torch.arange(32, 40)[None]).sum().backward()
+    assert hist.grad[0, -1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["causal", "mlp", "bidirectional"])
+def test_score_last_with_left_padding_matches_forward_on_the_short_trace(kind):
+    rm = model(kind, window=8)
+    short = [torch.randn(3, 4), torch.randn(8, 4)]
+    hist = torch.zeros(2, 8, 4)
+    valid = torch.zeros(2, 8, dtype=torch.bool)
+    pos = torch.zeros(2, 8, dtype=torch.long)
+    for i, s in enumerate(short):
+        hist[i, 8 - len(s) :], valid[i, 8 - len(s) :], pos[i, 8 - len(s) :] = s, True, torch.arange(len(s))
+    got = rm.score_last(hist, valid, pos)
+    want = torch.stack([rm(s[None])[0, -1] for s in short])
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_causal_model_learns_the_label_only_once_it_appears():
+    d = synth(n_problems=60)
+    cfg = RewardConfig(window=32, epochs=12, **SMALL)
+    rm, report = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)
+    assert report["auroc"]["reward"]["16"] > 0.9  # label visible from position 10 on
+    _, va = split_by_group(d["groups"], d["labels"], cfg.val_frac, cfg.seed)
+    scores = score_traces(rm, [d["latents"][i] for i in va])
+    y = np.array(d["labels"])[va]
+    at = [auroc([float(s[t - 1]) for s in scores], y) for t in range(1, 17)]  # after t tokens
+    assert abs(at[4] - 0.5) < 0.2  # t=5: nothing to see yet
+    assert abs(np.mean(at[:10]) - 0.5) < 0.1 and min(at[11:]) > 0.9
+    assert report["n_val"] == len(va) and report["best_epoch"] >= 1
+
+
+def test_same_inputs_give_the_same_model():
+    d = synth(n_problems=12)
+    cfg = RewardConfig(window=16, epochs=2, d_model=16, n_heads=2)  # dropout on: seeded too
+    a, ra = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)
+    b, rb = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True))
+    assert ra == rb
+
+
+def test_single_class_set_is_refused_with_the_counts():
+    d = synth(n_problems=5)
+    with pytest.raises(LRSError, match="found 0 correct and 15 wrong; collect more problems"):
+        train_reward_model(d["latents"], [0] * 15, d["groups"], progress=False)
+
+
+def test_bad_inputs_are_refused():
+    d = synth(n_problems=3)
+    with pytest.raises(LRSError, match="no traces"):
+        train_reward_model([], [], [], progress=False)
+    with pytest.raises(LRSError, match="9 traces, 8 labels"):
+        train_reward_model(d["latents"], d["labels"][:-1], d["groups"], progress=False)
+    with pytest.raises(LRSError, match="confidences"):
+        train_reward_model(
+            d["latents"], d["labels"], d["groups"], conf=[c[:-1] for c in d["conf"]], progress=False
+        )
+
+
+def test_group_split_keeps_every_problem_on_one_side():
+    d = synth(n_problems=30)
+    y = np.array(d["labels"])
+    tr, va = split_by_group(d["groups"], y, 0.2, seed=3)
+    assert sorted(tr + va) == list(range(len(y)))
+    assert not {d["groups"][i] for i in tr} & {d["groups"][i] for i in va}
+    assert len({d["groups"][i] for i in va}) == 6
+    assert set(y[tr]) == set(y[va]) == {0, 1}
+    assert split_by_group(d["groups"], y, 0.2, seed=3) == (tr, va)
+    with pytest.raises(LRSError, match="at least 2 problems"):
+        split_by_group(["a", "a"], [0, 1], 0.2, seed=0)
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    rm = model("causal", window=8)
+    rm.set_standardisation(torch.randn(50, 4) * 3 + 1)
+    path = save_reward_model(
+        rm, tmp_path / "reward.safetensors", provenance=dict(layer=3), metrics=dict(val=0.7)
+    )
+    back = load_reward_model(path)
+    z = torch.randn(2, 20, 4)
+    assert torch.equal(rm(z), back(z))
+    assert back.cfg == rm.cfg and back.provenance == {"layer": 3} and back.metrics == {"val": 0.7}
+    assert torch.equal(load_reward_model(path.with_suffix(".json"))(z), rm(z))
+
+
+def test_bad_reward_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "reward.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(LRSError, match="not an lrs reward model") as e:
+        load_reward_model(bad)
+    assert "\n" not in str(e.value)
+    bad.with_suffix(".json").write_text(json.dumps(dict(format="lrs-reward-1", config={"n_latents": 4})))
+    with pytest.raises(LRSError, match="not a readable safetensors file") as e:
+        load_reward_model(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LRSError, match="no reward model file"):
+        load_reward_model(tmp_path / "missing.safetensors")
+
+
+def _report(**kw):
+    d = synth(n_problems=30, lengths=(70, 90), **kw)
+    cfg = RewardConfig(kind="mlp", epochs=6, lr=1e-2, **SMALL)
+    _, report = train_reward_model(
+        d["latents"], d["labels"], d["groups"], cfg=cfg, conf=d["conf"], prompt=d["prompt"], progress=False
+    )
+    return report
+
+
+def test_report_says_when_the_prompt_alone_predicts_better():
+    report = _report(
+        latent_signal=0.0, prompt_signal=3.0
+    )  # difficulty in the prompt, nothing in the reasoning
+    a = report["auroc"]
+    assert set(a) == {"reward", "confidence", "prompt", "prompt_conf"}
+    assert a["prompt"]["64"] > 0.9 and a["reward"]["64"] < a["prompt"]["64"]
+    assert report["n_val_at"]["64"] == report["n_val"] and report["n_val_at"]["128"] == 0
+    assert a["reward"]["128"] is None  # undefined, not a number: no val trace is that long
+    assert report["within"]["reward"]["64"]["groups"] > 0
+    json.dumps(report, allow_nan=False)
+    text = format_report(report)
+    assert "prompt-only" in text and "prompt+conf" in text and "within@64" in text
+    assert text.splitlines()[-1].startswith("verdict: reward model does NOT beat the prompt")
+    assert "problem difficulty" in text.splitlines()[-1]
+
+
+def test_report_says_when_the_reward_model_wins():
+    report = _report(latent_signal=1.5, prompt_signal=0.0)
+    assert report["auroc"]["reward"]["64"] > 0.9
+    assert (
+        report["within"]["reward"]["64"]["auroc"] > 0.9
+    )  # signal is in the reasoning, so it holds per problem
+    assert format_report(report).splitlines()[-1].startswith("verdict: reward model beats the best baseline")

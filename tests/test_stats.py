@@ -1,0 +1,92 @@
+"""Bootstrap CI, paired comparison with exact McNemar, AUROC and within-group AUROC against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from lrs.errors import LRSError
+from lrs.stats import (
+    auroc,
+    bootstrap_ci,
+    format_comparison,
+    mcnemar_exact,
+    paired_comparison,
+    within_group_auroc,
+)
+
+
+def test_bootstrap_ci_brackets_the_mean_with_the_expected_width():
+    values = [1] * 50 + [0] * 50
+    lo, hi = bootstrap_ci(values, seed=0)
+    assert lo < 0.5 < hi
+    assert 0.15 < hi - lo < 0.25  # normal approximation: 2 * 1.96 * 0.05 = 0.196
+    assert bootstrap_ci(values, seed=0) == (lo, hi)  # seeded: reproducible
+    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+
+
+def test_bootstrap_ci_of_nothing_is_nan():
+    lo, hi = bootstrap_ci([])
+    assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_mcnemar_exact_matches_the_binomial_by_hand():
+    assert mcnemar_exact(1, 7) == pytest.approx(0.0703125)  # 2 * (1 + 8) / 2**8
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == pytest.approx(1.0)
+
+
+def test_paired_comparison_counts_fixed_and_broken():
+    base = [0] + [1] * 7 + [1, 0]
+    method = [1] + [0] * 7 + [1, 0]
+    r = paired_comparison(base, method)
+    assert (r["fixed"], r["broken"], r["n"]) == (1, 7, 10)
+    assert r["acc_base"] == pytest.approx(0.8) and r["acc_method"] == pytest.approx(0.2)
+    assert r["delta"] == pytest.approx(-0.6)
+    assert r["mcnemar_p"] == pytest.approx(0.0703125)
+    lo, hi = r["delta_ci"]
+    assert lo <= -0.6 <= hi and hi < 0
+    line = format_comparison(r, name="lrs")
+    assert "fixed 1 / broken 7" in line and "20.0% vs 80.0%" in line and "0.0703" in line
+
+
+def test_paired_comparison_without_discordant_pairs_has_p_one():
+    r = paired_comparison([1, 0, 1], [True, False, True])
+    assert (r["fixed"], r["broken"], r["delta"], r["mcnemar_p"]) == (0, 0, 0.0, 1.0)
+
+
+def test_paired_comparison_refuses_mismatched_lengths():
+    with pytest.raises(LRSError, match="3 base and 2 method"):
+        paired_comparison([1, 0, 1], [1, 0])
+
+
+def test_auroc_hand_values():
+    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0  # perfect ranking
+    assert auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # all ties
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # 3 of 4 pairs ranked right
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+
+
+def test_auroc_agrees_with_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 200).astype(float)  # many ties
+    y = rng.integers(0, 2, 200)
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s))
+
+
+def test_within_group_auroc_hand_example():
+    # group a: right 0.9, 0.2 vs wrong 0.5 -> 1 of 2 pairs; group b: right 0.3 vs wrong 0.3 (tie), 0.1 -> 1.5 of 2;
+    # group c has only right traces and is skipped
+    scores = [0.9, 0.2, 0.5, 0.3, 0.3, 0.1, 0.7]
+    labels = [1, 1, 0, 1, 0, 0, 1]
+    groups = ["a", "a", "a", "b", "b", "b", "c"]
+    v, pairs, used = within_group_auroc(scores, labels, groups)
+    assert (v, pairs, used) == (0.625, 4, 2)
+    assert auroc(scores, labels) != 0.625  # pooling across problems is a different quantity
+
+
+def test_within_group_auroc_without_mixed_groups_is_nan():
+    v, pairs, used = within_group_auroc([0.1, 0.9], [0, 1], ["a", "b"])
+    assert math.isnan(v) and (pairs, used) == (0, 0)
