@@ -13,6 +13,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids stalls on a busy 2-core box
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

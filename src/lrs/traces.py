@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -107,7 +107,7 @@ class TraceSet:
         for b in self.manifest["batches"]:
             try:
                 data = load_file(str(self.path / b["shard"]))
-            except (SafetensorsError, OSError) as e:
+            except (SafetensorError, OSError) as e:
                 raise LRSError(f"cannot read shard {self.path / b['shard']}: {e}") from None
             for r in b["traces"]:
                 i = r["index"]
