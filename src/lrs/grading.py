@@ -2,7 +2,9 @@
 math-verify (gold first) in worker processes whose timeout is enforced from here, plus a numeric fallback.
 
 math-verify's own timeouts use signals and break outside the main thread, so each check runs in a small
-pool of worker processes; a check that overruns `timeout` seconds has its worker killed and replaced.
+pool of worker processes (fresh interpreters started with subprocess: safe when torch is loaded and, unlike
+multiprocessing spawn/forkserver, no re-import of the caller's __main__); a check that overruns `timeout`
+seconds has its worker killed and replaced. The pool is created lazily, reused, and stopped at exit.
 """
 
 from __future__ import annotations
@@ -141,11 +143,8 @@ def _verify(gold: str, pred: str) -> bool:
 
 def _worker_main() -> None:
     """Worker loop over stdin/stdout: read a JSON [gold, pred] per line, answer 1 / 0 / "error" per line."""
-    import json
     import logging
-    import os
     import signal
-    import sys
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings
@@ -328,6 +327,8 @@ def grade(outputs: list[str], golds: list[str], *, timeout: float = 5.0, workers
         raise LRSError(
             f"grade: got {len(outputs)} outputs but {len(golds)} gold answers; pass one gold per output"
         )
+    if not timeout > 0:
+        raise LRSError(f"grade: timeout must be a positive number of seconds, got {timeout}")
     preds = [extract_answer(o or "") for o in outputs]
     todo = [i for i, p in enumerate(preds) if p is not None]
     checked = _pool(workers).run([(str(golds[i]), preds[i]) for i in todo], timeout) if todo else []

@@ -26,11 +26,23 @@ DTYPES = {
 SUPPORTED = "llama, qwen2, qwen3, mistral, gemma, phi3"
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 is ~2x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        fast = device != "cpu" or cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else torch.float32
     if dtype not in DTYPES:
-        raise LRSError(f"unknown dtype '{dtype}': use one of bfloat16, float16, float32")
+        raise LRSError(f"unknown dtype '{dtype}': use one of auto, bfloat16, float16, float32")
     return DTYPES[dtype]
 
 
@@ -81,13 +93,13 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu"):
+def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu"):
     """Load a frozen causal LM and its left-padding tokenizer from a packaged name, .gguf file, folder or hub id.
 
     `spec=None` loads the default packaged model (fetched and cached on first use).
     """
     spec = spec or packaged.DEFAULT_MODEL
-    model, tok = _resolve(str(spec), _dtype(dtype))
+    model, tok = _resolve(str(spec), _dtype(dtype, device))
     tok.padding_side = "left"
     if tok.pad_token is None:
         if tok.eos_token is None:

@@ -253,14 +253,17 @@ def make_steerer(args, rd: Path, model, method: str | None = None):
 
 
 GRIDS = {
-    "tiny": dict(k=[2], alpha=[0.1, 0.3], tau_r=[0.5], tau_c=[0.72], diffmean=[1.0, 4.0]),
-    "small": dict(k=[2], alpha=[0.1, 0.3, 1.0], tau_r=[0.5, 0.9], tau_c=[0.72], diffmean=[0.5, 1.0, 4.0]),
+    "tiny": dict(k=[2], alpha=[0.1, 0.5], tau_r=[0.5], tau_c=[0.72], diffmean=[2.0], base=False),
+    "small": dict(
+        k=[2], alpha=[0.1, 0.3, 1.0], tau_r=[0.5, 0.9], tau_c=[0.72], diffmean=[0.5, 1.0, 4.0], base=True
+    ),
     "full": dict(
         k=[1, 2, 4],
         alpha=[0.05, 0.1, 0.3, 1.0],
         tau_r=[0.3, 0.5, 0.7, 0.9],
         tau_c=[0.5, 0.72, 0.9],
         diffmean=[0.25, 0.5, 1.0, 2.0, 4.0],
+        base=True,
     ),
 }
 
@@ -305,12 +308,13 @@ def tune(
         )
         print(f"  dev {name}: {s['accuracy']:.1%}")
 
-    run("base", None, {}, "base")
+    if g["base"]:
+        run("base", None, {}, "base")
     for k, a, tr, tc in itertools.product(g["k"], g["alpha"], g["tau_r"], g["tau_c"]):
         params = dict(k=k, alpha=a, tau_r=tr, tau_c=tc)
-        ns = argparse_namespace(args, **params)
+        ns = argparse_namespace(args, tuned=False, **params)
         run(f"lrs-k{k}-a{a}-r{tr}-c{tc}", make_steerer(ns, rd, model, "lrs"), params, "lrs")
-    dm = make_steerer(argparse_namespace(args, diffmean_alpha=1.0), rd, model, "diffmean")
+    dm = make_steerer(argparse_namespace(args, tuned=False, diffmean_alpha=1.0), rd, model, "diffmean")
     for a in g["diffmean"]:
         run(f"diffmean-a{a}", DiffMeanSteerer(dm.vector, dm.layer, a), dict(alpha=a), "diffmean")
     best = {}
@@ -358,7 +362,7 @@ def cmd_tune(args) -> None:
 
 # ---- demo and report ---------------------------------------------------------------------------------
 PRESETS = {
-    "quick": dict(train=192, dev=40, test=80, tokens=320, latents=16, grid="tiny", batch=16),
+    "quick": dict(train=64, dev=16, test=32, tokens=224, latents=16, grid="tiny", batch=16),
     "full": dict(train=600, dev=100, test=300, tokens=512, latents=64, grid="small", batch=16),
 }
 
