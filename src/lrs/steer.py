@@ -10,7 +10,6 @@ cache stays on, so the corrected state flows into the cache of the layers above 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,6 +66,41 @@ class SteerConfig:
             raise LRSError("steering needs k >= 1, alpha >= 0, every >= 1 and window >= 1")
 
 
+@contextlib.contextmanager
+def _hooked(block, hook, on_exit):
+    """Register ``hook`` on ``block`` for the duration of the block, then call ``on_exit`` (stats)."""
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        on_exit()
+
+
+class _Steerer:
+    """Shared surface of the steerers: ``apply`` for plain ``model.generate`` and per-row stats."""
+
+    _rows: dict[int, dict]
+
+    @contextlib.contextmanager
+    def apply(self, model, tokenizer=None):
+        """Steer every ``model.generate`` call inside the block (rows are keyed by batch position)."""
+        stop = eos_ids(model, tokenizer) if tokenizer is not None else eos_ids(model, _NoTok())
+        tracker = DecodeTracker(model, stop)
+        with tracker.attach(), self.context(0, None, tracker):
+            yield self
+
+    def context(self, batch: int, indices: list[int] | None, tracker: DecodeTracker):
+        raise NotImplementedError
+
+    def row_stats(self) -> dict[int, dict]:
+        """Per-row counters (and events if logging) keyed by problem index; cleared by :meth:`reset`."""
+        return self._rows
+
+    def reset(self) -> None:
+        self._rows = {}
+
+
 class _BatchState:
     """Per-row state of one generate() batch: latent history, last steer step, counters, events."""
 
@@ -88,7 +122,7 @@ class _BatchState:
         self.z[:, -1], self.valid[:, -1], self.pos[:, -1] = z, True, step
 
 
-class LatentRewardSteerer:
+class LatentRewardSteerer(_Steerer):
     """Latent reward steering as a context manager: ``with steerer.apply(model): model.generate(...)``."""
 
     def __init__(self, encoder, reward_model, config: SteerConfig | None = None, *, log_events: bool = False):
@@ -105,14 +139,6 @@ class LatentRewardSteerer:
             raise LRSError("the encoder does not know its layer; fit or load it with a layer")
 
     # ---- public surface -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def apply(self, model, tokenizer=None) -> Iterator[LatentRewardSteerer]:
-        """Steer every ``model.generate`` call inside the block (rows are keyed by batch position)."""
-        stop = eos_ids(model, tokenizer) if tokenizer is not None else eos_ids(model, _NoTok())
-        tracker = DecodeTracker(model, stop)
-        with tracker.attach(), self.context(0, None, tracker):
-            yield self
-
     def context(self, batch: int, indices: list[int] | None, tracker: DecodeTracker):
         """The per-batch hook used by :func:`lrs.generation.generate` (``indices`` map rows to problems)."""
         model = tracker.model
@@ -123,16 +149,7 @@ class LatentRewardSteerer:
         def hook(module, args, output):
             return self._step(output, tracker, state)
 
-        @contextlib.contextmanager
-        def cm():
-            handle = block.register_forward_hook(hook)
-            try:
-                yield self
-            finally:
-                handle.remove()
-                self._store(state.get("s"), indices)
-
-        return cm()
+        return _hooked(block, hook, lambda: self._store(state.get("s"), indices))
 
     def stats(self) -> dict:
         """Totals over everything steered so far: steer rate, steered tokens, skipped NaN steps, mean |dh|."""
@@ -148,13 +165,6 @@ class LatentRewardSteerer:
             mean_dh_norm=dh / steers if steers else 0.0,
             config=asdict(self.cfg),
         )
-
-    def row_stats(self) -> dict[int, dict]:
-        """Per-row counters (and events if logging) keyed by problem index; cleared by :meth:`reset`."""
-        return self._rows
-
-    def reset(self) -> None:
-        self._rows = {}
 
     # ---- the hook ---------------------------------------------------------------------------------
     def _store(self, s: _BatchState | None, indices: list[int] | None) -> None:
@@ -254,7 +264,7 @@ class LatentRewardSteerer:
         return dh.to(h_rows.dtype), ok
 
 
-class DiffMeanSteerer:
+class DiffMeanSteerer(_Steerer):
     """Difference-of-means steering (RepE/CAA/SEAL family): add ``alpha * v`` at every generated token."""
 
     def __init__(self, vector: torch.Tensor, layer: int, alpha: float = 1.0):
@@ -276,14 +286,6 @@ class DiffMeanSteerer:
             )
         return cls(sums[1] / counts[1] - sums[0] / counts[0], layer, alpha)
 
-    @contextlib.contextmanager
-    def apply(self, model, tokenizer=None):
-        """Add the vector on every generated token of every ``generate`` call inside the block."""
-        stop = eos_ids(model, tokenizer) if tokenizer is not None else eos_ids(model, _NoTok())
-        tracker = DecodeTracker(model, stop, record_conf=False)
-        with tracker.attach(), self.context(0, None, tracker):
-            yield self
-
     def context(self, batch: int, indices: list[int] | None, tracker: DecodeTracker):
         if self.vector.shape[0] != hidden_size(tracker.model):
             raise LRSError(
@@ -302,19 +304,13 @@ class DiffMeanSteerer:
             counts["steps"] += tracker.live.long()
             return replace_layer_output(output, h)
 
-        @contextlib.contextmanager
-        def cm():
-            handle = block.register_forward_hook(hook)
-            try:
-                yield self
-            finally:
-                handle.remove()
-                if counts["steps"] is not None:
-                    for row, n in enumerate(counts["steps"].tolist()):
-                        key = indices[row] if indices is not None else len(self._rows)
-                        self._rows[key] = dict(steer_steps=n, steers=n)
+        def store():
+            if counts["steps"] is not None:
+                for row, n in enumerate(counts["steps"].tolist()):
+                    key = indices[row] if indices is not None else len(self._rows)
+                    self._rows[key] = dict(steer_steps=n, steers=n)
 
-        return cm()
+        return _hooked(block, hook, store)
 
     def stats(self) -> dict:
         steps = sum(r["steer_steps"] for r in self._rows.values())
@@ -325,12 +321,6 @@ class DiffMeanSteerer:
             alpha=self.alpha,
             vector_norm=float(self.vector.norm()),
         )
-
-    def row_stats(self) -> dict[int, dict]:
-        return self._rows
-
-    def reset(self) -> None:
-        self._rows = {}
 
 
 class _NoTok:
