@@ -38,7 +38,11 @@ def cmd_collect(args) -> None:
     from lrs.tasks import load_task
     from lrs.traces import collect_traces
 
-    problems = load_task(args.task, args.split, seed=args.seed, limit=args.limit or 300)
+    problems = load_task(
+        args.task, args.split, seed=args.seed, limit=300 if args.limit is None else args.limit
+    )
+    if not problems:
+        raise LRSError("no problems to collect traces on (empty split or --limit 0)")
     model, tok = load_model(args.model, dtype=args.dtype)
     layers = args.layer or [_middle_layer(model)]
     out = Path(args.out) if args.out else _rd(args) / "traces"
@@ -344,7 +348,7 @@ def cmd_tune(args) -> None:
     from lrs.tasks import load_task
 
     rd = _rd(args)
-    problems = load_task(args.task, "dev", seed=args.seed, limit=args.limit or 40)
+    problems = load_task(args.task, "dev", seed=args.seed, limit=40 if args.limit is None else args.limit)
     model, tok = load_model(args.model, dtype=args.dtype)
     res = tune(
         model,
