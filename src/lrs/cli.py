@@ -7,7 +7,6 @@ can be rerun, resumed and inspected. Errors a user can fix print one line on std
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -247,10 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         print("lrs: interrupted (finished shards and results are kept; rerun to resume)", file=sys.stderr)
         return 130
     return 0
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=1)
 
 
 if __name__ == "__main__":

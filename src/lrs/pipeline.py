@@ -10,7 +10,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -382,7 +382,3 @@ def cmd_report(args) -> None:
 
     path = write_report(_rd(args), args.split)
     print(f"report: {path}")
-
-
-def config_dict(obj) -> dict:
-    return asdict(obj)
