@@ -81,12 +81,13 @@ class _Steerer:
     """Shared surface of the steerers: ``apply`` for plain ``model.generate`` and per-row stats."""
 
     _rows: dict[int, dict]
+    _needs_conf = True  # whether the gate reads the previous step's top-token probability
 
     @contextlib.contextmanager
     def apply(self, model, tokenizer=None):
         """Steer every ``model.generate`` call inside the block (rows are keyed by batch position)."""
         stop = eos_ids(model, tokenizer) if tokenizer is not None else eos_ids(model, _NoTok())
-        tracker = DecodeTracker(model, stop)
+        tracker = DecodeTracker(model, stop, record_conf=self._needs_conf)
         with tracker.attach(), self.context(0, None, tracker):
             yield self
 
@@ -266,6 +267,8 @@ class LatentRewardSteerer(_Steerer):
 
 class DiffMeanSteerer(_Steerer):
     """Difference-of-means steering (RepE/CAA/SEAL family): add ``alpha * v`` at every generated token."""
+
+    _needs_conf = False  # no gate: skip the per-step softmax over the vocabulary
 
     def __init__(self, vector: torch.Tensor, layer: int, alpha: float = 1.0):
         self.vector, self.layer, self.alpha = vector.float(), layer, alpha
