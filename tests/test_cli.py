@@ -85,6 +85,15 @@ def test_pipeline_collect_fit_train_eval_lrs(model_dir, tmp_path, monkeypatch, c
     assert main(["train-reward", *common, "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "reward model" in out and "prompt" in out
+    # a second, problem-disjoint set (dev, sampled) repeats the report on other problems
+    dev = str(tmp_path / "dev")
+    argv = ["collect", *common, "--split", "dev", "--limit", "6", "--max-new-tokens", "20", "--layer", "1"]
+    assert main([*argv, "--samples-per-problem", "2", "--temperature", "0.7", "--out", dev]) == 0
+    out_rm = str(tmp_path / "rm2.safetensors")
+    assert main(["train-reward", *common, "--epochs", "1", "--eval-traces", dev, "--out", out_rm]) == 0
+    assert "held-out AUROC" in capsys.readouterr().out
+    held = json.loads((tmp_path / "rm2.json").read_text())["metrics"]["heldout"]
+    assert held["n_val"] == 12 and held["n_val_problems"] == 6
     argv = [
         "eval",
         *common,

@@ -195,8 +195,8 @@ def test_bad_reward_file_is_one_line_error(tmp_path):
         load_reward_model(tmp_path / "missing.safetensors")
 
 
-def _report(**kw):
-    d = synth(n_problems=30, lengths=(70, 90), **kw)
+def _report(seed=0, **kw):
+    d = synth(n_problems=30, lengths=(70, 90), seed=seed, **kw)
     cfg = RewardConfig(kind="mlp", epochs=6, lr=1e-2, **SMALL)
     _, report = train_reward_model(
         d["latents"], d["labels"], d["groups"], cfg=cfg, conf=d["conf"], prompt=d["prompt"], progress=False
@@ -228,3 +228,38 @@ def test_report_says_when_the_reward_model_wins():
         report["within"]["reward"]["64"]["auroc"] > 0.9
     )  # signal is in the reasoning, so it holds per problem
     assert format_report(report).splitlines()[-1].startswith("verdict: reward model beats the best baseline")
+
+
+def test_report_gives_ci_at_64_and_a_winner_needs_a_difference_ci_above_zero():
+    report = _report(latent_signal=1.5, prompt_signal=0.0)
+    ci = report["ci64"]
+    lo, hi = ci["reward"]
+    assert lo <= report["auroc"]["reward"]["64"] <= hi
+    assert ci["reward-prompt"][0] > 0  # a real gap: the verdict may say "beats"
+    assert "95% CI at t=64" in format_report(report)
+    weak = _report(latent_signal=0.0, prompt_signal=0.0, seed=3)  # nothing anywhere: no significant win
+    assert not weak["verdict"].startswith("reward model beats")
+
+
+def test_heldout_set_repeats_the_report_on_other_problems_with_within_problem_pairs():
+    train = synth(n_problems=30, lengths=(70, 90))
+    held = synth(n_problems=12, k=4, lengths=(70, 90), seed=7)
+    held["groups"] = [f"dev-{g}" for g in held["groups"]]
+    cfg = RewardConfig(kind="mlp", epochs=6, lr=1e-2, **SMALL)
+    _, report = train_reward_model(
+        train["latents"], train["labels"], train["groups"], cfg=cfg,
+        conf=train["conf"], prompt=train["prompt"], heldout=held, progress=False,
+    )  # fmt: skip
+    h = report["heldout"]
+    assert h["n_val"] == 48 and h["n_val_problems"] == 12 and h["n_train"] == report["n_train"]
+    assert h["auroc"]["reward"]["64"] > 0.9 and h["within"]["reward"]["64"]["groups"] >= 8
+    assert set(h["auroc"]) == {"reward", "confidence", "prompt", "prompt_conf"}
+    assert "held-out AUROC" in format_report(report)
+    json.dumps(report, allow_nan=False)
+
+
+def test_heldout_set_sharing_a_problem_with_training_is_refused():
+    train = synth(n_problems=10)
+    held = synth(n_problems=3, seed=5)  # same ids p0..p2 as training problems
+    with pytest.raises(LRSError, match="share 3 problems"):
+        train_reward_model(train["latents"], train["labels"], train["groups"], heldout=held, progress=False)

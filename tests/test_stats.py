@@ -11,6 +11,7 @@ from lrs.stats import (
     auroc,
     bootstrap_ci,
     format_comparison,
+    grouped_auroc_ci,
     mcnemar_exact,
     paired_comparison,
     within_group_auroc,
@@ -90,3 +91,27 @@ def test_within_group_auroc_hand_example():
 def test_within_group_auroc_without_mixed_groups_is_nan():
     v, pairs, used = within_group_auroc([0.1, 0.9], [0, 1], ["a", "b"])
     assert math.isnan(v) and (pairs, used) == (0, 0)
+
+
+def test_grouped_auroc_ci_brackets_the_value_and_widens_with_fewer_problems():
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 100)
+    s = y + rng.normal(0, 1.0, size=len(y))
+    groups = np.repeat(np.arange(100), 2).tolist()
+    lo, hi = grouped_auroc_ci(s, y, groups)
+    assert lo < auroc(s, y) < hi
+    few = [g // 10 for g in groups]  # same traces in 10 big problems: fewer independent units
+    lo2, hi2 = grouped_auroc_ci(s, y, few)
+    assert hi2 - lo2 > hi - lo
+
+
+def test_grouped_auroc_ci_of_a_difference_excludes_zero_only_for_a_real_gap():
+    rng = np.random.default_rng(1)
+    y = np.tile([0, 1], 150)
+    good, noise = y * 2 + rng.normal(0, 1, len(y)), rng.normal(0, 1, len(y))
+    groups = np.repeat(np.arange(150), 2).tolist()
+    lo, hi = grouped_auroc_ci(good, y, groups, minus=noise)
+    assert lo > 0
+    lo, hi = grouped_auroc_ci(noise, y, groups, minus=noise)
+    assert lo == hi == 0.0
+    assert all(math.isnan(v) for v in grouped_auroc_ci([0.1, 0.2], [1, 1], ["a", "b"]))

@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--traces", default=None, help="trace directory (default <run>/traces)")
     tr.add_argument("--encoder", default=None, help="encoder artefact (default <run>/encoder.safetensors)")
     tr.add_argument("--kind", default="causal", choices=("causal", "mlp", "bidirectional"))
+    tr.add_argument(
+        "--eval-traces",
+        default=None,
+        help="second trace set on other problems (e.g. `lrs collect --split dev --samples-per-problem 4 "
+        "--temperature 0.7`): the report is repeated on it, with within-problem AUROC",
+    )
     tr.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on val AUROC)")
     tr.add_argument("--out", default=None, help="reward model path (default <run>/reward.safetensors)")
 

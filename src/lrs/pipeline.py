@@ -162,16 +162,20 @@ def reward_inputs(ts, enc) -> dict:
     return out
 
 
-def train_reward_from_traces(ts, enc, kind: str = "causal", epochs: int | None = None, seed: int = 0):
-    """Train a reward model on a trace set through ``enc``; returns (model, report)."""
+def train_reward_from_traces(
+    ts, enc, kind: str = "causal", epochs: int | None = None, seed: int = 0, heldout=None
+):
+    """Train a reward model on a trace set through ``enc`` (report repeated on trace set ``heldout`` if given);
+    returns (model, report)."""
     from lrs.reward import RewardConfig, train_reward_model
 
     cfg = RewardConfig(kind=kind, seed=seed)
     if epochs is not None:
         cfg.epochs = epochs
     x = reward_inputs(ts, enc)
+    h = reward_inputs(heldout, enc) if heldout is not None else None
     return train_reward_model(
-        x["latents"], x["labels"], x["groups"], cfg=cfg, conf=x["conf"], prompt=x["prompt"]
+        x["latents"], x["labels"], x["groups"], cfg=cfg, conf=x["conf"], prompt=x["prompt"], heldout=h
     )
 
 
@@ -182,7 +186,12 @@ def cmd_train_reward(args) -> None:
     rd = _rd(args)
     ts = _traces(args)
     enc = load_encoder(Path(args.encoder) if args.encoder else rd / "encoder.safetensors")
-    rm, report = train_reward_from_traces(ts, enc, args.kind, args.epochs, args.seed)
+    held = None
+    if getattr(args, "eval_traces", None):
+        from lrs.traces import TraceSet
+
+        held = TraceSet(args.eval_traces)
+    rm, report = train_reward_from_traces(ts, enc, args.kind, args.epochs, args.seed, heldout=held)
     out = Path(args.out) if args.out else rd / "reward.safetensors"
     prov = _provenance(ts, enc.layer) | dict(
         encoder_hash=encoder_hash(enc), encoder_kind=enc.kind, n_latents=enc.n_latents

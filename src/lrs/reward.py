@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lrs import __version__
 from lrs.errors import LRSError
-from lrs.stats import auroc, within_group_auroc
+from lrs.stats import auroc, grouped_auroc_ci, within_group_auroc
 
 FORMAT = "lrs-reward-1"
 KINDS = ("causal", "mlp", "bidirectional")
@@ -357,6 +357,25 @@ def _check(latents, labels, groups, conf, prompt) -> None:
         )
 
 
+def _check_heldout(h: dict, latents, groups, conf, prompt) -> None:
+    """The held-out set must look like the training set (same width, same extras) and share no problem."""
+    _check(h["latents"], h["labels"], h["groups"], h.get("conf"), h.get("prompt"))
+    if h["latents"][0].shape[-1] != latents[0].shape[-1]:
+        raise LRSError(
+            f"held-out traces have {h['latents'][0].shape[-1]} latents, training traces {latents[0].shape[-1]}: "
+            "encode both with the same encoder"
+        )
+    shared = set(groups) & set(h["groups"])
+    if shared:
+        raise LRSError(
+            f"held-out traces share {len(shared)} problems with the training traces (e.g. {sorted(shared)[0]}): "
+            "collect them from another split (e.g. --split dev)"
+        )
+    for name, a, b in (("confidence", conf, h.get("conf")), ("prompt", prompt, h.get("prompt"))):
+        if (a is None) != (b is None):
+            raise LRSError(f"held-out traces and training traces must both have or both lack {name} data")
+
+
 # ---- training --------------------------------------------------------------------------------------------
 def train_reward_model(
     latents: list[torch.Tensor],
@@ -366,11 +385,19 @@ def train_reward_model(
     cfg: RewardConfig | None = None,
     conf: list[torch.Tensor] | None = None,
     prompt: list[torch.Tensor] | None = None,
+    heldout: dict | None = None,
     progress: bool = True,
 ) -> tuple[RewardModel, dict]:
-    """Train on traces split by problem, select on val AUROC at absolute positions; returns (model, report)."""
+    """Train on traces split by problem, select on val AUROC at absolute positions; returns (model, report).
+
+    ``heldout`` (keys latents, labels, groups, conf, prompt) is a second trace set on other problems, e.g.
+    dev problems sampled several times each; the report is repeated on it (``report["heldout"]``), which gives
+    within-problem AUROC many more mixed problems than the val split of a greedy trace set.
+    """
     cfg = cfg or RewardConfig()
     _check(latents, labels, groups, conf, prompt)
+    if heldout is not None:
+        _check_heldout(heldout, latents, groups, conf, prompt)
     y = np.asarray(labels, dtype=int)
     tr, va = split_by_group(list(groups), y, cfg.val_frac, cfg.seed)
     xs = [z[: cfg.max_len].detach().float().cpu() for z in latents]
@@ -383,6 +410,18 @@ def train_reward_model(
     report = _quality(rm, xs, y, list(groups), tr, va, conf, prompt)
     report.update(best_epoch=best_epoch, epochs_run=len(history), val_history=[round(h, 4) for h in history])
     report["verdict"] = verdict(report)
+    if heldout is not None:  # append the held-out traces and score them as a second val side
+        h = heldout
+        xs_all = xs + [z[: cfg.max_len].detach().float().cpu() for z in h["latents"]]
+        y_all = np.concatenate([y, np.asarray(h["labels"], dtype=int)])
+        cat = lambda a, b: None if a is None else list(a) + list(b)  # noqa: E731
+        ho = list(range(len(xs), len(xs_all)))
+        sub = _quality(
+            rm, xs_all, y_all, list(groups) + list(h["groups"]), tr, ho,
+            cat(conf, h.get("conf") or []), cat(prompt, h.get("prompt") or []),
+        )  # fmt: skip
+        sub["verdict"] = verdict(sub)
+        report["heldout"] = sub
     return rm.eval(), _jsonable(report)
 
 
@@ -480,6 +519,7 @@ def _quality(rm, xs, y, groups, tr, va, conf, prompt) -> dict:
         within={},
     )
     report["val_score"] = _val_score(report["auroc"]["reward"])
+    report["ci64"] = _ci64(scores, y_va, g_va)
     for name in ("reward", "confidence"):
         if name in scores:
             report["within"][name] = {}
@@ -489,6 +529,19 @@ def _quality(rm, xs, y, groups, tr, va, conf, prompt) -> dict:
                 v, pairs, used = within_group_auroc(scores[name][k][m], y_va[m], g)
                 report["within"][name][k] = dict(auroc=v, pairs=pairs, groups=used)
     return report
+
+
+def _ci64(scores: dict, y_va: np.ndarray, g_va: list) -> dict:
+    """95% CIs at t=64, resampling val problems: each score's AUROC, and reward minus each baseline."""
+    out: dict = {}
+    r = scores["reward"]["64"]
+    for name, s in scores.items():
+        m = ~np.isnan(s["64"]) & ~np.isnan(r)
+        g = [gi for gi, ok in zip(g_va, m, strict=True) if ok]
+        out[name] = list(grouped_auroc_ci(s["64"][m], y_va[m], g))
+        if name != "reward":
+            out[f"reward-{name}"] = list(grouped_auroc_ci(r[m], y_va[m], g, minus=s["64"][m]))
+    return out
 
 
 def _num(x) -> float | None:
@@ -513,6 +566,12 @@ def verdict(report: dict) -> str:
     w = _num(report.get("within", {}).get("reward", {}).get("64", {}).get("auroc"))
     within = f"; within-problem AUROC at t=64 {w:.2f} (0.5 = chance)" if w is not None else ""
     if rm > base[name]:
+        lo = _num((report.get("ci64", {}).get(f"reward-{name}") or [None])[0])
+        if lo is not None and lo <= 0:
+            return (
+                f"reward model scores above the best baseline ({BASELINES[name]}) at t=64 ({rm:.2f} vs "
+                f"{base[name]:.2f}) but not significantly: the 95% CI of the difference includes 0{within}"
+            )
         return f"reward model beats the best baseline ({BASELINES[name]}) at t=64 ({rm:.2f} vs {base[name]:.2f}){within}"
     why = (
         "it adds nothing over the model's own confidence"
@@ -527,17 +586,30 @@ def _fmt(v) -> str:
 
 
 def format_report(report: dict) -> str:
-    """A compact plain-text table of val AUROC by absolute position and baseline, then the verdict line."""
-    keys = [str(t) for t in report["positions"]] + ["end"]
-    cols = [f"t={k}" if k != "end" else "end" for k in keys] + ["within@64", "within@end"]
-    row = lambda label, vals: f"{label:14s}" + "".join(f"{v:>11s}" for v in vals)  # noqa: E731
-    lines = [
+    """A compact plain-text table of val AUROC by absolute position and baseline, CIs at t=64 and the
+    verdict; the same again for the held-out trace set when there is one."""
+    head = (
         f"reward model {report['kind']} on {report['n_latents']} latents: train {report['n_train']} traces "
         f"({report['n_train_problems']} problems, {report['pos_frac_train']:.0%} correct), val {report['n_val']} "
         f"traces ({report['n_val_problems']} problems, {report['pos_frac_val']:.0%} correct), best epoch "
-        f"{report.get('best_epoch', '?')} of {report.get('epochs_run', '?')}",
-        row("val AUROC", cols),
-    ]
+        f"{report.get('best_epoch', '?')} of {report.get('epochs_run', '?')}"
+    )
+    lines = [head, *_table(report, "val AUROC")]
+    h = report.get("heldout")
+    if h:
+        lines.append(
+            f"held-out traces: {h['n_val']} traces on {h['n_val_problems']} other problems "
+            f"({h['pos_frac_val']:.0%} correct), scored by the same model and probes"
+        )
+        lines += _table(h, "held-out AUROC")
+    return "\n".join(lines)
+
+
+def _table(report: dict, title: str) -> list[str]:
+    keys = [str(t) for t in report["positions"]] + ["end"]
+    cols = [f"t={k}" if k != "end" else "end" for k in keys] + ["within@64", "within@end"]
+    row = lambda label, vals: f"{label:14s}" + "".join(f"{v:>11s}" for v in vals)  # noqa: E731
+    lines = [row(title, cols)]
     for name, label in (("reward", "reward model"), *BASELINES.items()):
         if name in report["auroc"]:
             w = report["within"].get(name, {})
@@ -547,9 +619,23 @@ def format_report(report: dict) -> str:
             lines.append(row(label, [_fmt(v) for v in vals]))
     w = report["within"].get("reward", {})
     pairs = [f"{w[k]['pairs']}p/{w[k]['groups']}g" if k in w else "-" for k in ("64", "end")]
-    lines.append(row("n val traces", [str(report["n_val_at"][k]) for k in keys] + pairs))
+    lines.append(row("n traces", [str(report["n_val_at"][k]) for k in keys] + pairs))
+    ci = report.get("ci64") or {}
+    if ci:
+        parts = [f"reward {_fmt_ci(ci.get('reward'))}"] + [
+            f"reward - {label} {_fmt_ci(ci.get(f'reward-{name}'), signed=True)}"
+            for name, label in BASELINES.items()
+            if f"reward-{name}" in ci
+        ]
+        lines.append("95% CI at t=64 (resampling problems): " + "; ".join(parts))
     lines.append("verdict: " + (report.get("verdict") or verdict(report)))
-    return "\n".join(lines)
+    return lines
+
+
+def _fmt_ci(ci, signed: bool = False) -> str:
+    if not ci or any(_num(v) is None for v in ci):
+        return "[-]"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _jsonable(x):

@@ -126,3 +126,40 @@ def within_group_auroc(
         pairs += n1 * n0
         used += 1
     return (wins / pairs if pairs else math.nan, pairs, used)
+
+
+def grouped_auroc_ci(
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence,
+    *,
+    minus: Sequence[float] | np.ndarray | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile CI of AUROC(scores), or of AUROC(scores) - AUROC(minus) on the same traces, resampling whole
+    groups (problems): traces of one problem share its difficulty, so they are not independent draws."""
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    m = None if minus is None else np.asarray(minus, dtype=float).reshape(-1)
+    if not (len(s) == len(y) == len(groups)) or (m is not None and len(m) != len(s)):
+        raise LRSError("grouped AUROC CI needs one score, label and group per trace")
+    idx: dict = defaultdict(list)
+    for i, g in enumerate(groups):
+        idx[g].append(i)
+    members = list(idx.values())
+    if len(members) < 2 or y.all() or not y.any():
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        pick = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+        if y[pick].min() == y[pick].max():
+            continue  # a resample with one class has no AUROC
+        v = _rank_auc(s[pick], y[pick])
+        vals.append(v - _rank_auc(m[pick], y[pick]) if m is not None else v)
+    if not vals:
+        return (math.nan, math.nan)
+    lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
