@@ -115,3 +115,16 @@ def test_grouped_auroc_ci_of_a_difference_excludes_zero_only_for_a_real_gap():
     lo, hi = grouped_auroc_ci(noise, y, groups, minus=noise)
     assert lo == hi == 0.0
     assert all(math.isnan(v) for v in grouped_auroc_ci([0.1, 0.2], [1, 1], ["a", "b"]))
+
+
+def test_grouped_auroc_ci_within_problems_ignores_the_difficulty_between_them():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(60), 4).tolist()
+    y = np.tile([0, 1, 0, 1], 60)
+    difficulty = np.repeat(rng.normal(0, 3, 60), 4)
+    noise = difficulty + rng.normal(0, 1, len(y))  # ranks problems, not traces within one
+    lo, hi = grouped_auroc_ci(noise, y, groups, within=True)
+    assert lo < 0.5 < hi
+    good = difficulty + y * 2 + rng.normal(0, 1, len(y))
+    lo, hi = grouped_auroc_ci(good, y, groups, within=True)
+    assert 0.7 < lo <= within_group_auroc(good, y, groups)[0] <= hi

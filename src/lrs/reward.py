@@ -527,7 +527,8 @@ def _quality(rm, xs, y, groups, tr, va, conf, prompt) -> dict:
                 m = has[k]
                 g = [gi for gi, ok in zip(g_va, m, strict=True) if ok]
                 v, pairs, used = within_group_auroc(scores[name][k][m], y_va[m], g)
-                report["within"][name][k] = dict(auroc=v, pairs=pairs, groups=used)
+                ci = grouped_auroc_ci(scores[name][k][m], y_va[m], g, within=True) if pairs else None
+                report["within"][name][k] = dict(auroc=v, pairs=pairs, groups=used, ci=ci)
     return report
 
 
@@ -627,6 +628,9 @@ def _table(report: dict, title: str) -> list[str]:
             for name, label in BASELINES.items()
             if f"reward-{name}" in ci
         ]
+        w64 = report["within"].get("reward", {}).get("64", {})
+        if w64.get("ci"):
+            parts.append(f"within-problem reward {_fmt_ci(w64['ci'])}")
         lines.append("95% CI at t=64 (resampling problems): " + "; ".join(parts))
     lines.append("verdict: " + (report.get("verdict") or verdict(report)))
     return lines

@@ -134,12 +134,14 @@ def grouped_auroc_ci(
     groups: Sequence,
     *,
     minus: Sequence[float] | np.ndarray | None = None,
+    within: bool = False,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile CI of AUROC(scores), or of AUROC(scores) - AUROC(minus) on the same traces, resampling whole
-    groups (problems): traces of one problem share its difficulty, so they are not independent draws."""
+    groups (problems): traces of one problem share its difficulty, so they are not independent draws.
+    ``within=True`` gives the CI of :func:`within_group_auroc` instead (a problem drawn twice counts twice)."""
     s = np.asarray(scores, dtype=float).reshape(-1)
     y = np.asarray(labels).reshape(-1).astype(bool)
     m = None if minus is None else np.asarray(minus, dtype=float).reshape(-1)
@@ -152,13 +154,27 @@ def grouped_auroc_ci(
     if len(members) < 2 or y.all() or not y.any():
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
+    if within:
+        members = [g for g in members if 0 < y[g].sum() < len(g)]  # only mixed problems hold pairs
+        if not members:
+            return (math.nan, math.nan)
+
+    def auc(x: np.ndarray, draw: list) -> float:
+        if not within:
+            pick = np.concatenate(draw)
+            return _rank_auc(x[pick], y[pick])
+        labels = np.repeat(np.arange(len(draw)), [len(g) for g in draw])
+        pick = np.concatenate(draw)
+        return within_group_auroc(x[pick], y[pick], labels.tolist())[0]
+
     vals = []
     for _ in range(n_boot):
-        pick = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+        draw = [members[j] for j in rng.integers(0, len(members), len(members))]
+        pick = np.concatenate(draw)
         if y[pick].min() == y[pick].max():
             continue  # a resample with one class has no AUROC
-        v = _rank_auc(s[pick], y[pick])
-        vals.append(v - _rank_auc(m[pick], y[pick]) if m is not None else v)
+        v = auc(s, draw)
+        vals.append(v - auc(m, draw) if m is not None else v)
     if not vals:
         return (math.nan, math.nan)
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
