@@ -255,6 +255,7 @@ def test_heldout_set_repeats_the_report_on_other_problems_with_within_problem_pa
     assert h["auroc"]["reward"]["64"] > 0.9 and h["within"]["reward"]["64"]["groups"] >= 8
     lo, hi = h["within"]["reward"]["64"]["ci"]
     assert lo <= h["within"]["reward"]["64"]["auroc"] <= hi
+    assert "above chance, so it does rank a problem's own traces" in h["verdict"]
     assert set(h["auroc"]) == {"reward", "confidence", "prompt", "prompt_conf"}
     assert "held-out AUROC" in format_report(report)
     json.dumps(report, allow_nan=False)

@@ -564,8 +564,16 @@ def verdict(report: dict) -> str:
     if not base:
         return f"reward model AUROC at t=64 is {rm:.2f}; no baseline to compare (pass conf and prompt)"
     name = max(base, key=base.get)
-    w = _num(report.get("within", {}).get("reward", {}).get("64", {}).get("auroc"))
+    w64 = report.get("within", {}).get("reward", {}).get("64", {})
+    w, ci = _num(w64.get("auroc")), w64.get("ci") or [None, None]
     within = f"; within-problem AUROC at t=64 {w:.2f} (0.5 = chance)" if w is not None else ""
+    if w is not None and _num(ci[0]) is not None:
+        above = ci[0] > 0.5
+        within = f"; within-problem AUROC at t=64 {w:.2f} {_fmt_ci(ci)}: " + (
+            "above chance, so it does rank a problem's own traces"
+            if above
+            else "not distinguishable from chance"
+        )
     if rm > base[name]:
         lo = _num((report.get("ci64", {}).get(f"reward-{name}") or [None])[0])
         if lo is not None and lo <= 0:
