@@ -3,6 +3,7 @@
 Uses the encoder and reward model of a run directory (default: the quick demo's). Same prompts, one process.
 
     python benchmarks/steering_overhead.py --run runs/demo-quick-arith-qwen2.5-coder-0.5b-instruct
+    python benchmarks/steering_overhead.py --encoder runs/arith/enc-id.safetensors --reward runs/arith/rm-id.safetensors
 """
 
 from pathlib import Path
@@ -18,12 +19,14 @@ from lrs.steer import LatentRewardSteerer, SteerConfig
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--run", default="runs/demo-quick-arith-qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--encoder", default=None, help="encoder artefact (default <run>/encoder.safetensors)")
+    ap.add_argument("--reward", default=None, help="reward model (default <run>/reward.safetensors)")
     ap.add_argument("--n-single", type=int, default=8, help="prompts for the batch-1 loop")
     args = ap.parse_args()
     args.max_new_tokens = max(args.max_new_tokens, 96)
     model, tok, _, prompts = setup(args)
-    enc = load_encoder(Path(args.run) / "encoder.safetensors")
-    rm = load_reward_model(Path(args.run) / "reward.safetensors")
+    enc = load_encoder(args.encoder or Path(args.run) / "encoder.safetensors")
+    rm = load_reward_model(args.reward or Path(args.run) / "reward.safetensors")
     cfg = SteerConfig()
     kw = dict(max_new_tokens=args.max_new_tokens, progress=False)
     generate(model, tok, prompts[:2], batch_size=2, **kw)  # warm-up
