@@ -187,7 +187,7 @@ def cmd_train_reward(args) -> None:
     ts = _traces(args)
     enc = load_encoder(Path(args.encoder) if args.encoder else rd / "encoder.safetensors")
     held = None
-    if getattr(args, "eval_traces", None):
+    if args.eval_traces:
         from lrs.traces import TraceSet
 
         held = TraceSet(args.eval_traces)

@@ -400,7 +400,7 @@ def train_reward_model(
         _check_heldout(heldout, latents, groups, conf, prompt)
     y = np.asarray(labels, dtype=int)
     tr, va = split_by_group(list(groups), y, cfg.val_frac, cfg.seed)
-    xs = [z[: cfg.max_len].detach().float().cpu() for z in latents]
+    xs = _prep(latents, cfg.max_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -412,7 +412,7 @@ def train_reward_model(
     report["verdict"] = verdict(report)
     if heldout is not None:  # append the held-out traces and score them as a second val side
         h = heldout
-        xs_all = xs + [z[: cfg.max_len].detach().float().cpu() for z in h["latents"]]
+        xs_all = xs + _prep(h["latents"], cfg.max_len)
         y_all = np.concatenate([y, np.asarray(h["labels"], dtype=int)])
         cat = lambda a, b: None if a is None else list(a) + list(b)  # noqa: E731
         ho = list(range(len(xs), len(xs_all)))
@@ -423,6 +423,11 @@ def train_reward_model(
         sub["verdict"] = verdict(sub)
         report["heldout"] = sub
     return rm.eval(), _jsonable(report)
+
+
+def _prep(latents: list[torch.Tensor], max_len: int) -> list[torch.Tensor]:
+    """Float32 CPU copies truncated to the first ``max_len`` tokens: what training and the report see."""
+    return [z[:max_len].detach().float().cpu() for z in latents]
 
 
 def _fit(rm, xs, y, tr, va, progress) -> tuple[RewardModel, int, list[float]]:
@@ -565,13 +570,15 @@ def verdict(report: dict) -> str:
         return f"reward model AUROC at t=64 is {rm:.2f}; no baseline to compare (pass conf and prompt)"
     name = max(base, key=base.get)
     w64 = report.get("within", {}).get("reward", {}).get("64", {})
-    w, ci = _num(w64.get("auroc")), w64.get("ci") or [None, None]
-    within = f"; within-problem AUROC at t=64 {w:.2f} (0.5 = chance)" if w is not None else ""
-    if w is not None and _num(ci[0]) is not None:
-        above = ci[0] > 0.5
-        within = f"; within-problem AUROC at t=64 {w:.2f} {_fmt_ci(ci)}: " + (
+    w, lo = _num(w64.get("auroc")), _num((w64.get("ci") or [None])[0])
+    if w is None:
+        within = ""
+    elif lo is None:
+        within = f"; within-problem AUROC at t=64 {w:.2f} (0.5 = chance)"
+    else:
+        within = f"; within-problem AUROC at t=64 {w:.2f} {_fmt_ci(w64['ci'])}: " + (
             "above chance, so it does rank a problem's own traces"
-            if above
+            if lo > 0.5
             else "not distinguishable from chance"
         )
     if rm > base[name]:

@@ -153,28 +153,27 @@ def grouped_auroc_ci(
     members = list(idx.values())
     if len(members) < 2 or y.all() or not y.any():
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
     if within:
         members = [g for g in members if 0 < y[g].sum() < len(g)]  # only mixed problems hold pairs
         if not members:
             return (math.nan, math.nan)
 
-    def auc(x: np.ndarray, draw: list) -> float:
-        if not within:
-            pick = np.concatenate(draw)
+    def stat(x: np.ndarray, pick: np.ndarray, draw_ids: np.ndarray | None) -> float:
+        if draw_ids is None:
             return _rank_auc(x[pick], y[pick])
-        labels = np.repeat(np.arange(len(draw)), [len(g) for g in draw])
-        pick = np.concatenate(draw)
-        return within_group_auroc(x[pick], y[pick], labels.tolist())[0]
+        return within_group_auroc(x[pick], y[pick], draw_ids)[0]
 
+    rng = np.random.default_rng(seed)
     vals = []
     for _ in range(n_boot):
         draw = [members[j] for j in rng.integers(0, len(members), len(members))]
         pick = np.concatenate(draw)
-        if y[pick].min() == y[pick].max():
+        if y[pick].all() or not y[pick].any():
             continue  # a resample with one class has no AUROC
-        v = auc(s, draw)
-        vals.append(v - auc(m, draw) if m is not None else v)
+        # within: each draw is its own group, so a problem drawn twice counts as two problems
+        draw_ids = np.repeat(np.arange(len(draw)), [len(g) for g in draw]) if within else None
+        v = stat(s, pick, draw_ids)
+        vals.append(v - stat(m, pick, draw_ids) if m is not None else v)
     if not vals:
         return (math.nan, math.nan)
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
