@@ -101,6 +101,14 @@ def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarr
     return _rank_auc(s, y)
 
 
+def _members(groups: Sequence) -> list[list[int]]:
+    """Trace indices of each group (problem), in order of first appearance."""
+    idx: dict = defaultdict(list)
+    for i, g in enumerate(groups):
+        idx[g].append(i)
+    return list(idx.values())
+
+
 def within_group_auroc(
     scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, groups: Sequence
 ) -> tuple[float, int, int]:
@@ -112,11 +120,8 @@ def within_group_auroc(
         raise LRSError(
             f"within-group auroc needs equal lengths: {len(s)} scores, {len(y)} labels, {len(groups)} groups"
         )
-    idx: dict = defaultdict(list)
-    for i, g in enumerate(groups):
-        idx[g].append(i)
     wins, pairs, used = 0.0, 0, 0
-    for members in idx.values():
+    for members in _members(groups):
         ys, ss = y[members], s[members]
         n1 = int(ys.sum())
         n0 = len(ys) - n1
@@ -147,10 +152,7 @@ def grouped_auroc_ci(
     m = None if minus is None else np.asarray(minus, dtype=float).reshape(-1)
     if not (len(s) == len(y) == len(groups)) or (m is not None and len(m) != len(s)):
         raise LRSError("grouped AUROC CI needs one score, label and group per trace")
-    idx: dict = defaultdict(list)
-    for i, g in enumerate(groups):
-        idx[g].append(i)
-    members = list(idx.values())
+    members = _members(groups)
     if len(members) < 2 or y.all() or not y.any():
         return (math.nan, math.nan)
     if within:
