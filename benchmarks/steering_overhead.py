@@ -13,7 +13,7 @@ from _common import parser, setup, threads, timed
 from lrs.encoders import load_encoder
 from lrs.generation import generate
 from lrs.reward import load_reward_model
-from lrs.steer import LatentRewardSteerer, SteerConfig
+from lrs.steering import LatentRewardSteerer, SteerConfig
 
 
 def main() -> None:

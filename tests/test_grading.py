@@ -1,12 +1,23 @@
 """Answer extraction and grading on literal strings (no model): math-verify gold-first, numeric fallback,
-and a checker that hangs must time out without hanging the caller."""
+a checker that hangs must time out without hanging the caller, and what runs in the caller takes linear time."""
 
+import random
+import re
 import time
 
 import pytest
 
 from lrs.errors import LRSError
-from lrs.grading import Grade, extract_answer, grade, grade_one, last_boxed, to_number
+from lrs.grading import (
+    MAX_SCAN_CHARS,
+    Grade,
+    _strip_unit_words,
+    extract_answer,
+    grade,
+    grade_one,
+    last_boxed,
+    to_number,
+)
 
 HANG = r"so the answer is \boxed{9^{9^{9^{9}}}}"  # math-verify never finishes comparing this to 5
 
@@ -111,3 +122,90 @@ def test_hanging_check_times_out_and_next_call_still_works():
 def test_mismatched_lengths_raise():
     with pytest.raises(LRSError, match="one gold per output"):
         grade(["a", "b"], ["1"])
+
+
+# ---------------------------------------------------------------- hostile text must not stall the caller
+
+# the old trailing-unit regex: exponential backtracking when the text ends in a digit after many letters
+_OLD_UNIT_RE = re.compile(r"(?:\s*[A-Za-z][A-Za-z.']*)+\s*$")
+
+
+@pytest.mark.parametrize(
+    "output, gold, pred",
+    [
+        (
+            r"\boxed{Therefore the total number of apples she has is 5}",
+            "6",
+            "Therefore the total number of apples she has is 5",
+        ),
+        (
+            "So the answer is the number of marbles each friend gets which is 12",
+            "8",
+            "the number of marbles each friend gets which is 12",
+        ),
+    ],
+)
+def test_wordy_answers_ending_in_a_number_grade_fast(output, gold, pred):
+    grade_one(r"\boxed{1}", "1")  # start the worker pool outside the timed part
+    t = time.perf_counter()
+    g = grade_one(output, gold)
+    assert time.perf_counter() - t < 1.0
+    assert g.correct is False and not g.timed_out
+    assert g.pred == pred
+    t = time.perf_counter()
+    assert to_number(pred) is None
+    assert time.perf_counter() - t < 0.1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "is the number of " * 1000 + "x1",  # 17,002 characters of words, then a word glued to a digit
+        "is the number of " * 1176 + "x1",  # just over 20,000
+        "a" * 20_000 + "5",
+        "answer is " + "ab " * 7000 + "5",
+        "\\boxed{" * 3000,  # never closes
+        r"\boxed{" + "apples " * 3000 + "5}",
+        "the answer is" + "\n" * 20_000,
+        "\n" * 20_000 + "x",
+        "the answer is " + ". " * 10_000 + "x",
+        "\\text{" * 4000 + "5",
+    ],
+)
+def test_adversarial_text_is_handled_in_linear_time(text):
+    assert len(text) >= 17_000
+    t = time.perf_counter()
+    extract_answer(text)
+    extract_answer(text, last_number=True)
+    assert time.perf_counter() - t < 1.0
+    t = time.perf_counter()
+    assert to_number(text) is None
+    last_boxed(text)
+    assert time.perf_counter() - t < 1.0
+
+
+def test_unit_words_are_stripped_exactly_as_before():
+    assert to_number("5 apples") == 5.0
+    assert to_number("18 dollars.") == 18.0
+    assert to_number("2.5 sq. ft") == 2.5
+    assert to_number("x = 12 cm") == 12.0
+    assert to_number("3 o'clock") == 3.0
+    assert to_number("7x") == 7.0  # a unit glued to the number, as before
+    assert to_number("the total is 5") is None
+    # the linear rewrite removes the same suffix as the old regex on every short string
+    rng = random.Random(0)
+    alphabet = list("ab.' 5,\t") + ["Z", "12", "\n"]
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert _strip_unit_words(s) == _OLD_UNIT_RE.sub("", s), repr(s)
+
+
+def test_normal_answers_extract_the_same_and_long_outputs_keep_their_ending():
+    assert extract_answer("The final answer is: **42.**") == "42"
+    assert extract_answer("Total: 3 + 4 = 7.\n\n  #### 7 apples") == "7 apples"
+    assert extract_answer(r"\boxed{\frac{a}{b}} then \boxed{x^{2}" + "}" * 3) == "x^{2}"
+    assert extract_answer("answer is\n\n12") == "12"
+    long = "Let me think step by step. " * 2000 + r"So the result is \boxed{17}."
+    assert len(long) > MAX_SCAN_CHARS and extract_answer(long) == "17"
+    # only the tail is read: an answer buried more than MAX_SCAN_CHARS before the end is not found
+    assert extract_answer(r"\boxed{3}" + " filler" * (MAX_SCAN_CHARS // 7 + 1)) is None

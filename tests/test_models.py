@@ -130,9 +130,9 @@ def test_packaged_name_is_fetched_once_then_loaded_from_cache(saved_folder, monk
 
 
 def test_auto_dtype_follows_the_cpu(saved_folder, monkeypatch):
-    import lrs.models as m
+    import lrs.environment as env
 
     for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(m, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(env, "cpu_has_fast_bf16", lambda fast=fast: fast)
         model, _ = load_model(str(saved_folder))
         assert next(model.parameters()).dtype == want

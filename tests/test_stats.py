@@ -1,4 +1,4 @@
-"""Bootstrap CI, paired comparison with exact McNemar, AUROC and within-group AUROC against hand-computed values."""
+"""Proportion CIs (Wilson, Clopper-Pearson), bootstrap CI, paired comparison with exact McNemar, AUROC and within-group AUROC against hand-computed values."""
 
 import math
 
@@ -14,6 +14,7 @@ from lrs.stats import (
     grouped_auroc_ci,
     mcnemar_exact,
     paired_comparison,
+    proportion_ci,
     within_group_auroc,
 )
 
@@ -30,6 +31,73 @@ def test_bootstrap_ci_brackets_the_mean_with_the_expected_width():
 def test_bootstrap_ci_of_nothing_is_nan():
     lo, hi = bootstrap_ci([])
     assert math.isnan(lo) and math.isnan(hi)
+
+
+# reference values (95 %), checked against scipy.stats.binomtest(k, n).proportion_ci("wilson" / "exact")
+@pytest.mark.parametrize(
+    "k, n, method, expected",
+    [
+        (0, 10, "wilson", (0.0, 0.2775)),
+        (5, 10, "wilson", (0.2366, 0.7634)),
+        (10, 10, "wilson", (0.7225, 1.0)),
+        (0, 10, "clopper-pearson", (0.0, 0.3085)),
+        (5, 10, "clopper-pearson", (0.1871, 0.8129)),
+        (10, 10, "clopper-pearson", (0.6915, 1.0)),
+    ],
+)
+def test_proportion_ci_reference_values(k, n, method, expected):
+    lo, hi = proportion_ci(k, n, method=method)
+    assert lo == pytest.approx(expected[0], abs=1e-3)
+    assert hi == pytest.approx(expected[1], abs=1e-3)
+    assert isinstance(lo, float) and isinstance(hi, float)
+
+
+def test_proportion_ci_ends_are_exact_at_zero_and_n():
+    for method in ("wilson", "clopper-pearson"):
+        assert proportion_ci(0, 10, method=method)[0] == 0.0
+        assert proportion_ci(10, 10, method=method)[1] == 1.0
+
+
+def test_wilson_is_never_degenerate_and_wider_than_the_bootstrap_at_extreme_counts():
+    for n in (1, 5, 32, 500):
+        lo, hi = proportion_ci(0, n)
+        assert lo == 0.0 and hi > 0.0
+        lo, hi = proportion_ci(n, n)
+        assert lo < 1.0 and hi == 1.0
+    assert bootstrap_ci([0] * 32) == (0.0, 0.0)  # what the bootstrap reports instead at 0/32
+    for k in (0, 1, 2, 30, 31, 32):  # near 0 or n the percentile bootstrap is too narrow at n = 32
+        w_lo, w_hi = proportion_ci(k, 32)
+        b_lo, b_hi = bootstrap_ci([1] * k + [0] * (32 - k), seed=0)
+        assert w_hi - w_lo > b_hi - b_lo + 0.02, k
+
+
+def test_wilson_at_one_half_matches_the_normal_width():
+    # at 16/32 neither is too narrow: Wilson (0.3274) is near 2 * 1.96 * sqrt(0.25 / 32) = 0.3465; the bootstrap's
+    # width jumps between 0.3125 and 0.375 with the seed because k/32 is discrete
+    lo, hi = proportion_ci(16, 32)
+    assert lo == pytest.approx(0.3363, abs=1e-3) and hi == pytest.approx(0.6637, abs=1e-3)
+    widths = [b[1] - b[0] for b in (bootstrap_ci([1] * 16 + [0] * 16, seed=s) for s in range(3))]
+    assert all(abs((hi - lo) - w) < 0.05 for w in widths)
+
+
+def test_proportion_ci_level_and_method_ordering():
+    lo90, hi90 = proportion_ci(7, 20, level=0.90)
+    lo99, hi99 = proportion_ci(7, 20, level=0.99)
+    assert lo99 < lo90 < 0.35 < hi90 < hi99
+    w_lo, w_hi = proportion_ci(7, 20)
+    cp_lo, cp_hi = proportion_ci(7, 20, method="clopper-pearson")
+    assert cp_hi - cp_lo > w_hi - w_lo  # exact interval is the conservative one
+
+
+def test_proportion_ci_refuses_bad_input():
+    with pytest.raises(LRSError, match="at least one trial"):
+        proportion_ci(0, 0)
+    with pytest.raises(LRSError, match="unknown method"):
+        proportion_ci(1, 10, method="wald")
+    with pytest.raises(LRSError, match="between 0 and n"):
+        proportion_ci(11, 10)
+    with pytest.raises(LRSError, match="level"):
+        proportion_ci(1, 10, level=95)
 
 
 def test_mcnemar_exact_matches_the_binomial_by_hand():

@@ -9,7 +9,7 @@ from lrs.errors import LRSError
 from lrs.generation import generate, layer_output
 from lrs.models import decoder_layers
 from lrs.reward import RewardConfig, RewardModel
-from lrs.steer import DiffMeanSteerer, Gate, LatentRewardSteerer, SteerConfig
+from lrs.steering import DiffMeanSteerer, Gate, LatentRewardSteerer, SteerConfig
 
 LAYER = 1
 QUESTIONS = ["What is 2+3?", "hi", "a much longer question about numbers and apples"]
@@ -117,10 +117,10 @@ def test_gradient_step_raises_the_reward():
     _, _, enc, rm, _ = _setup()
     ident = IdentityEncoder(8, normalize=False, rescale=False, layer=LAYER)  # z == h, so dh == dz
     st = LatentRewardSteerer(ident, rm, SteerConfig(k=3, alpha=0.3, gate="always"))
-    from lrs.steer import _BatchState
+    from lrs.steering.latent import _BatchState
 
     torch.manual_seed(3)
-    s = _BatchState(4, 16, 8)
+    s = _BatchState(4, 16, 8, torch.device("cpu"))
     for t in range(6):
         s.push(torch.randn(4, 8), t)
     rows = torch.arange(4)
@@ -205,9 +205,9 @@ def test_nan_gradient_skips_row_and_counts():
 
 def test_random_control_has_same_norm_as_reward_direction():
     _, _, enc, rm, _ = _setup()
-    from lrs.steer import _BatchState
+    from lrs.steering.latent import _BatchState
 
-    s = _BatchState(3, 16, 8)
+    s = _BatchState(3, 16, 8, torch.device("cpu"))
     for t in range(4):
         s.push(torch.randn(3, 8), t)
     h = torch.randn(3, 32)

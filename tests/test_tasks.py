@@ -1,5 +1,6 @@
 """Task loaders on small fixture files in every source format, fixed disjoint splits, the procedural arith
-task (answers re-checked from its worked solutions) and prompt building."""
+task (answers re-checked from its worked solutions), user tasks (jsonl:PATH, hf:REPO[:CONFIG]:SPLIT, split
+"all", split seed vs sampling seed) and prompt building."""
 
 import json
 import re
@@ -12,8 +13,10 @@ from conftest import make_tokenizer
 
 from lrs.errors import LRSError
 from lrs.tasks import (
+    ALL_SPLITS,
     COT_SUFFIX,
     INSTRUCTION,
+    SPLITS,
     TASKS,
     Problem,
     build_prompts,
@@ -131,7 +134,8 @@ def test_bad_inputs_raise_clear_errors(data):
         load_task("gsm9k")
     with pytest.raises(LRSError, match="unknown split"):
         load_task("arith", "validation")
-    assert set(list_tasks()) == set(TASKS) >= {"gsm8k", "math500", "aime24", "aime25", "amc23", "arith"}
+    assert set(list_tasks()) == set(TASKS) | {"jsonl:PATH", "hf:REPO[:CONFIG]:SPLIT"}
+    assert set(TASKS) >= {"gsm8k", "math500", "aime24", "aime25", "amc23", "arith"}
 
 
 # ---------------------------------------------------------------- splits
@@ -185,6 +189,196 @@ def test_arith_is_unlimited_and_prefix_stable():
     assert len(big) == 1500 and len({p.question for p in big}) == 1500
     assert [p.id for p in big[:5]] == [p.id for p in load_task("arith", "test", limit=5)]
     assert big[4].id == "arith/test/4"
+
+
+# ---------------------------------------------------------------- user tasks: jsonl:PATH and hf:
+
+
+def _user_file(tmp_path: Path, rows: list, name: str = "mine.jsonl") -> str:
+    """Write `rows` (dicts, or raw strings written as-is) to a JSONL file; return its `jsonl:` task name."""
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return f"jsonl:{path}"
+
+
+def test_jsonl_detects_question_and_answer_fields(tmp_path):
+    rows = [
+        {"question": "q0", "answer": "7"},
+        {"problem": "q1", "target": 8.0},
+        {"input": "q2", "final_answer": ["x^2"]},
+        {"prompt": "q3", "solution": "so it is \\boxed{\\frac{1}{2}}."},
+        {"question": "q4", "answer": None, "solution": "then \\boxed{9}"},  # null answer falls through
+    ]
+    probs = load_task(_user_file(tmp_path, rows), "all")
+    assert [(p.question, p.answer) for p in probs] == [
+        ("q0", "7"),
+        ("q1", "8"),
+        ("q2", "x^2"),
+        ("q3", "\\frac{1}{2}"),
+        ("q4", "9"),
+    ]
+    assert probs[3].solution == "so it is \\boxed{\\frac{1}{2}}." and probs[0].solution is None
+    assert {p.task for p in probs} == {"mine"} and probs[1].meta["line"] == 2
+
+
+def test_jsonl_field_override(tmp_path):
+    rows = [{"question": "ignored", "text": "real q", "answer": "1", "gold": "2"}]
+    [p] = load_task(_user_file(tmp_path, rows), "all", question_field="text", answer_field="gold")
+    assert (p.question, p.answer) == ("real q", "2")
+    with pytest.raises(LRSError, match=r"line 1: no answer field \(looked for nope;"):
+        load_task(_user_file(tmp_path, rows), "all", answer_field="nope")
+    with pytest.raises(LRSError, match="only apply to jsonl:PATH and hf: tasks"):
+        load_task("arith", "dev", question_field="q")
+
+
+def test_jsonl_answer_normalisation(tmp_path):
+    rows = [
+        {"question": "g", "answer": "3 * 4 = <<3*4=12>>12 apples\n#### 1,200"},
+        {"question": "b", "answer": "first \\boxed{1} then \\boxed{\\sqrt{2}}"},
+        {"question": "plain", "answer": "  42 "},
+    ]
+    g, b, plain = load_task(_user_file(tmp_path, rows), "all")
+    assert (g.answer, b.answer, plain.answer) == ("1200", "\\sqrt{2}", "42")
+    assert "<<" not in g.solution and g.solution.endswith("\\boxed{1200}.")  # usable as a few-shot example
+    assert worked_solution(g) == g.solution
+
+
+def test_jsonl_ids_and_duplicates(tmp_path):
+    rows = [{"question": "a", "answer": "1"}, "", {"question": "b", "answer": "2", "id": "p-7"}]
+    a, b = load_task(_user_file(tmp_path, rows, "my set.jsonl"), "all")
+    assert (a.id, b.id) == ("my set/0", "p-7")  # stem/row index; a blank line is not a row
+    dup = [{"id": "x", "question": "a", "answer": "1"}, {"id": "x", "question": "b", "answer": "2"}]
+    with pytest.raises(LRSError, match=r"duplicate problem id 'x' \(lines 1 and 2\)"):
+        load_task(_user_file(tmp_path, dup), "all")
+
+
+def test_jsonl_missing_field_names_file_and_line(tmp_path):
+    rows = [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"q": "c", "answer": "3"}]
+    name = _user_file(tmp_path, rows)
+    with pytest.raises(LRSError) as e:
+        load_task(name, "all")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'mine.jsonl'}, line 3: no question field")
+    assert "looked for question, problem, input, prompt" in msg and "question_field=" in msg
+
+
+def test_jsonl_bad_files(tmp_path):
+    with pytest.raises(LRSError, match="jsonl task file not found: .*nope.jsonl") as e:
+        load_task(f"jsonl:{tmp_path / 'nope.jsonl'}")
+    assert "\n" not in str(e.value)
+    with pytest.raises(LRSError, match="is empty"):
+        load_task(_user_file(tmp_path, [""]))
+    with pytest.raises(LRSError, match=r"mine.jsonl:2: not valid JSON") as e:
+        load_task(_user_file(tmp_path, [{"question": "a", "answer": "1"}, "{oops"]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(LRSError, match="line 1: expected a JSON object"):
+        load_task(_user_file(tmp_path, ["[1, 2]"]), "all")
+
+
+def test_jsonl_all_split_is_file_order_and_splits_partition_it(tmp_path):
+    name = _user_file(tmp_path, [{"question": f"q{i}", "answer": str(i)} for i in range(20)])
+    every = load_task(name, "all")
+    assert [p.question for p in every] == [f"q{i}" for i in range(20)]
+    assert [p.question for p in load_task(name, "all", limit=3)] == ["q0", "q1", "q2"]
+    parts = {s: load_task(name, s) for s in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [10, 4, 6]  # 50/20/30 %
+    ids = [p.id for s in SPLITS for p in parts[s]]
+    assert len(ids) == len(set(ids)) and set(ids) == {p.id for p in every}
+    assert ALL_SPLITS == ("train", "dev", "test", "all")
+
+
+def test_jsonl_splits_depend_only_on_the_split_seed(tmp_path):
+    name = _user_file(tmp_path, [{"question": f"q{i}", "answer": str(i)} for i in range(30)])
+    base = {s: [p.id for p in load_task(name, s)] for s in SPLITS}
+    # a sampling seed (few-shot draws here) does not move problems between splits
+    for sampling_seed in (0, 1, 7):
+        build_prompts(None, load_task(name, "dev")[:1], style="fewshot", shots=2, pool=load_task(name, "train"),
+                      seed=sampling_seed)  # fmt: skip
+        assert {s: [p.id for p in load_task(name, s)] for s in SPLITS} == base
+    assert {s: [p.id for p in load_task(name, s, split_seed=0)] for s in SPLITS} == base
+    other = {s: [p.id for p in load_task(name, s, split_seed=1)] for s in SPLITS}
+    assert other["test"] != base["test"] and sorted(sum(other.values(), [])) == sorted(sum(base.values(), []))
+    # the file's name or place does not matter, only its rows and the split seed
+    moved = _user_file(tmp_path, [{"question": f"q{i}", "answer": str(i)} for i in range(30)], "other.jsonl")
+    assert [p.question for p in load_task(moved, "dev")] == [p.question for p in load_task(name, "dev")]
+
+
+def test_seed_is_a_backwards_compatible_alias_of_split_seed(data):
+    assert [p.id for p in load_task("amc23", "dev", seed=3, data_dir=data)] == [
+        p.id for p in load_task("amc23", "dev", split_seed=3, data_dir=data)
+    ]
+    assert load_task("amc23", "dev", seed=3, split_seed=3, data_dir=data)
+    with pytest.raises(LRSError, match="seed=1 and split_seed=2"):
+        load_task("amc23", "dev", seed=1, split_seed=2, data_dir=data)
+
+
+def test_all_split_of_builtin_tasks(data):
+    assert [p.id for p in load_task("amc23", "all", data_dir=data)] == [
+        p.id for s in SPLITS for p in load_task("amc23", s, data_dir=data)
+    ]
+    g = load_task("gsm8k", "all", data_dir=data)
+    assert len(g) == 260 and len({p.id for p in g}) == 260 and g[-1].id == "gsm8k/test/9"
+    assert len(load_task("gsm8k", "all", limit=5, data_dir=data)) == 5
+    with pytest.raises(LRSError, match="split 'all' is not available for arith: the task is unlimited"):
+        load_task("arith", "all")
+
+
+def test_hub_task_without_datasets_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # make `import datasets` fail
+    with pytest.raises(LRSError, match=r"needs the optional `datasets` extra: pip install 'lrs\[hub\]'"):
+        load_task("hf:openai/gsm8k:main:test", "all")
+
+
+def _fake_datasets(monkeypatch, rows=None, error=None) -> list:
+    calls: list = []
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        if error is not None:
+            raise error
+        return list(rows or [])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_spec_parsing_and_rows(monkeypatch):
+    rows = [{"question": f"hq{i}", "answer": f"work\n#### {i}"} for i in range(10)]
+    calls = _fake_datasets(monkeypatch, rows)
+    probs = load_task("hf:openai/gsm8k:main:test", "all")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert [(p.id, p.question, p.answer) for p in probs[:2]] == [
+        ("gsm8k/0", "hq0", "0"),
+        ("gsm8k/1", "hq1", "1"),
+    ]
+    load_task("hf:user/ds:test", "dev")
+    assert calls[-1] == ("user/ds", None, "test")
+    parts = [p.id for s in SPLITS for p in load_task("hf:user/ds:validation", s)]
+    assert sorted(parts) == sorted(f"ds/{i}" for i in range(10)) and calls[-1] == (
+        "user/ds",
+        None,
+        "validation",
+    )
+    for bad in ("hf:user/ds", "hf:a:b:c:d", "hf:user/ds::test"):
+        with pytest.raises(LRSError, match=r"bad hub task .*use hf:REPO\[:CONFIG\]:SPLIT"):
+            load_task(bad)
+
+
+def test_hub_missing_field_and_offline_errors(monkeypatch):
+    _fake_datasets(monkeypatch, [{"question": "a", "answer": "1"}, {"text": "b", "answer": "2"}])
+    with pytest.raises(LRSError, match=r"hf:user/ds:test, row 1: no question field"):
+        load_task("hf:user/ds:test", "all")
+    _fake_datasets(monkeypatch, error=ConnectionError("Couldn't reach 'user/ds' on the Hub\nmore detail"))
+    with pytest.raises(LRSError) as e:
+        load_task("hf:user/ds:test")
+    msg = str(e.value)
+    assert "hub could not be reached" in msg and "not found" in msg and "Couldn't reach 'user/ds'" in msg
+    assert "\n" not in msg and "more detail" not in msg
+
+
+def test_unknown_task_mentions_user_forms():
+    with pytest.raises(LRSError, match="jsonl:PATH or hf:REPO"):
+        load_task("nope")
 
 
 # ---------------------------------------------------------------- prompts

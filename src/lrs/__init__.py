@@ -17,9 +17,9 @@ _EXPORTS = {
     "load_encoder": "lrs.encoders",
     "train_reward_model": "lrs.reward",
     "load_reward_model": "lrs.reward",
-    "Gate": "lrs.steer",
-    "LatentRewardSteerer": "lrs.steer",
-    "DiffMeanSteerer": "lrs.steer",
+    "Gate": "lrs.steering",
+    "LatentRewardSteerer": "lrs.steering",
+    "DiffMeanSteerer": "lrs.steering",
     "evaluate": "lrs.evaluate",
 }
 

@@ -55,7 +55,7 @@ def _gen(p: argparse.ArgumentParser, tokens: int = 384) -> None:
 
 
 def _steer_args(p: argparse.ArgumentParser) -> None:
-    from lrs.steer import SteerConfig
+    from lrs.steering import SteerConfig
 
     d = SteerConfig()
     p.add_argument("--k", type=int, default=None, help=f"gradient steps per steered token (default {d.k})")

@@ -42,11 +42,17 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 class DecodeTracker:
-    """Follows one ``generate`` call: step index, live rows, previous-step confidence (per row).
+    """Follows ``generate`` calls: step index, live rows, previous-step confidence (per row, on the model's device).
 
-    It registers a forward pre-hook on the model (to see ``input_ids`` and the attention mask) and a
-    forward hook on the output embedding (to read the top-token probability). Layer hooks registered
+    It registers a forward pre-hook on the model (to see ``input_ids``, the KV cache and the attention mask)
+    and a forward hook on the output embedding (to read the top-token probability). Layer hooks registered
     *after* entering the tracker see its state for the current call.
+
+    Prefill and decode calls are told apart by how many positions the model has already seen, read from the
+    KV cache object whatever keyword it is passed under (``past_key_values`` up to transformers 5.23,
+    ``cache`` from 5.24), else from the attention mask (which covers past and new positions). Where neither
+    is there, it raises instead of guessing; :meth:`verify` checks after each ``generate`` that one decode
+    step was seen per generated token, so a release that changes the calling convention fails loudly.
     """
 
     def __init__(self, model, stop_ids: Sequence[int], record_conf: bool = True):
@@ -61,35 +67,55 @@ class DecodeTracker:
         self.conf_prev: torch.Tensor | None = None  # [B] float, top prob of the previous step
         self.conf_now: torch.Tensor | None = None
         self.prompt_mask: torch.Tensor | None = None  # [B, P] attention mask of the prompt
+        self.prompt_len = 0
         self.confs: list[torch.Tensor] = []
 
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise LRSError("lrs hooks need generate() to pass input_ids (inputs_embeds is not supported)")
-        past = kwargs.get("past_key_values")
-        prefill = self.live is None or past is None or _cache_len(past) == 0
-        if prefill:
+        if kwargs.get("use_cache") is False:
+            raise LRSError("lrs hooks need the KV cache: call generate() with use_cache=True")
+        past = past_length(ids, kwargs)
+        if past == 0:
             self.reset()
             self.step = 0
-            self.live = torch.ones(ids.shape[0], dtype=torch.bool)
+            self.prompt_len = ids.shape[1]
+            self.live = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
             mask = kwargs.get("attention_mask")
-            self.prompt_mask = (
-                mask.bool().cpu() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
-            )
+            self.prompt_mask = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         else:
+            if self.live is None:
+                raise LRSError(
+                    "lrs saw a decode step before any prefill: enter the tracker before generate()"
+                )
+            if ids.shape[0] != self.live.shape[0]:
+                raise LRSError(
+                    f"the batch changed from {self.live.shape[0]} to {ids.shape[0]} rows during generate(): "
+                    "beam search and other row-expanding modes are not supported"
+                )
             self.step += 1
-            last = ids[:, -1].cpu()
-            self.live = self.live & ~torch.isin(last, self.stop_ids)
+            if self.stop_ids.device != ids.device:
+                self.stop_ids = self.stop_ids.to(ids.device)
+            self.live = self.live & ~torch.isin(ids[:, -1], self.stop_ids)
         self.conf_prev = self.conf_now
 
     def _post_head(self, module, args, output):
         if not self.record_conf:
             return
         logits = output[0] if isinstance(output, tuple) else output
-        conf = torch.softmax(logits[:, -1].float(), dim=-1).amax(dim=-1).cpu()
+        conf = torch.softmax(logits[:, -1].float(), dim=-1).amax(dim=-1)
         self.conf_now = conf
         self.confs.append(conf)
+
+    def verify(self, n_new: int) -> None:
+        """Raise if the last ``generate`` produced ``n_new`` tokens but not ``n_new - 1`` decode steps were seen."""
+        if n_new > 1 and self.step != n_new - 1:
+            raise LRSError(
+                f"lrs tracked {max(self.step, 0)} decode steps for {n_new} generated tokens: this transformers "
+                f"release ({_tf_version()}) calls the model in a way lrs does not recognise; install the "
+                "versions in constraints.txt (see `lrs doctor`)"
+            )
 
     @contextlib.contextmanager
     def attach(self) -> Iterator[DecodeTracker]:
@@ -105,13 +131,68 @@ class DecodeTracker:
                 h.remove()
 
 
-def _cache_len(past) -> int:
+def _tf_version() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
+
+
+def _cache_len(past) -> int | None:
+    """Positions held by a KV cache object (any transformers Cache, or a legacy tuple of tensors)."""
     if hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
-    try:
-        return int(past[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
+    if isinstance(past, (tuple, list)):
+        try:
+            return int(past[0][0].shape[-2])
+        except (TypeError, IndexError, AttributeError):
+            return None
+    return None
+
+
+def past_length(ids: torch.Tensor, kwargs: dict) -> int:
+    """How many positions the model has seen before this forward call (0 = prefill).
+
+    Looks for a KV cache among *all* keyword values (no keyword name is assumed), then at the attention mask;
+    raises a one-line :class:`LRSError` when neither tells.
+    """
+    for value in kwargs.values():
+        if value is not None and hasattr(value, "get_seq_length"):
+            return _cache_len(value) or 0
+    legacy = kwargs.get("past_key_values")
+    if legacy is not None:
+        n = _cache_len(legacy)
+        if n is not None:
+            return n
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= ids.shape[1]:
+        return int(mask.shape[1] - ids.shape[1])
+    raise LRSError(
+        f"cannot tell prefill from decode: the model's forward got neither a KV cache nor a 2-d attention "
+        f"mask ({_tf_version()}); install the versions in constraints.txt"
+    )
+
+
+def check_generate_kwargs(model, kwargs: dict) -> None:
+    """Refuse ``generate`` modes under which per-row steering or recording would silently be wrong."""
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+    if beams > 1:
+        raise LRSError(f"beam search (num_beams={beams}) is not supported under lrs hooks: use num_beams=1")
+    if kwargs.get("use_cache", getattr(gc, "use_cache", True)) is False:
+        raise LRSError("lrs hooks need the KV cache: call generate() with use_cache=True")
+    if kwargs.get("inputs_embeds") is not None:
+        raise LRSError("lrs hooks need input_ids: generate() with inputs_embeds is not supported")
+    ret = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+    if ret > 1:
+        raise LRSError(
+            f"num_return_sequences={ret} is not supported under lrs hooks: repeat the prompt in the batch instead"
+        )
+
+
+def new_token_count(output, tracker: DecodeTracker) -> int:
+    """Generated positions in a ``generate`` output (a tensor or a ModelOutput with ``sequences``)."""
+    seq = getattr(output, "sequences", output)
+    return int(seq.shape[1]) - tracker.prompt_len
 
 
 def layer_output(output) -> torch.Tensor:
@@ -188,8 +269,9 @@ def generate(
             ctx = context(b, idx, tracker) if context is not None else contextlib.nullcontext()
             with ctx:
                 out = model.generate(**enc, **gen_kwargs)
+        tracker.verify(new_token_count(out, tracker))
         new = out[:, enc["input_ids"].shape[1] :].tolist()
-        confs = torch.stack(tracker.confs, dim=1) if tracker.confs else None
+        confs = torch.stack(tracker.confs, dim=1).cpu() if tracker.confs else None
         for row, i in enumerate(idx):
             ids, finished = _split_completion(new[row], set(stop), pad_id)
             conf = confs[row, : len(ids)].tolist() if confs is not None else []

