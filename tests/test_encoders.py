@@ -180,7 +180,7 @@ def test_load_rejects_foreign_or_damaged_files(tmp_path, fitted):
     junk.write_bytes(torch.randint(0, 256, (500,), dtype=torch.uint8).numpy().tobytes())
     with pytest.raises(LRSError, match="not an lrs encoder"):
         load_encoder(junk)
-    junk.with_suffix(".json").write_text('{"format": "lrs-encoder", "kind": "topk_sae"}')
+    junk.with_suffix(".json").write_text('{"format": "lrs.encoder/1", "config": {"kind": "topk_sae"}}')
     with pytest.raises(LRSError, match="not a readable safetensors"):
         load_encoder(junk)
     (tmp_path / "x.pt").write_bytes(b"zz")

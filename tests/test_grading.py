@@ -161,7 +161,7 @@ def test_wordy_answers_ending_in_a_number_grade_fast(output, gold, pred):
     "text",
     [
         "is the number of " * 1000 + "x1",  # 17,002 characters of words, then a word glued to a digit
-        "is the number of " * 1176 + "x1",  # just over 20,000
+        "is the number of " * 1177 + "x1",  # 20,011 characters
         "a" * 20_000 + "5",
         "answer is " + "ab " * 7000 + "5",
         "\\boxed{" * 3000,  # never closes

@@ -187,7 +187,7 @@ def test_bad_reward_file_is_one_line_error(tmp_path):
     with pytest.raises(LRSError, match="not an lrs reward model") as e:
         load_reward_model(bad)
     assert "\n" not in str(e.value)
-    bad.with_suffix(".json").write_text(json.dumps(dict(format="lrs-reward-1", config={"n_latents": 4})))
+    bad.with_suffix(".json").write_text(json.dumps(dict(format="lrs.reward/1", config={"n_latents": 4})))
     with pytest.raises(LRSError, match="not a readable safetensors file") as e:
         load_reward_model(bad)
     assert "\n" not in str(e.value)

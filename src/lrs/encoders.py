@@ -8,20 +8,16 @@ EleutherAI sparsify and the LRS / thinking-llms `.pt` dict. Saved as safetensors
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lrs import __version__
+from lrs.artifacts import load_artifact, save_artifact, tensor_hash
 from lrs.errors import LRSError
 
 __all__ = [
@@ -43,7 +39,7 @@ __all__ = [
     "check_compatible",
 ]
 
-FORMAT = "lrs-encoder"
+FORMAT = "lrs.encoder/1"
 EPS = 1e-8
 CHUNK = 8192  # rows converted to float32 at a time when streaming over stored (bf16) states
 
@@ -713,40 +709,23 @@ def load_lrs_pt(
 
 def encoder_hash(enc: Encoder) -> str:
     """sha256 over the encoder's tensors (names, dtypes, shapes, bytes), independent of device."""
-    h = hashlib.sha256()
-    for name, t in sorted(enc.tensors().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensor_hash(enc.tensors())
 
 
 def save_encoder(
     enc: Encoder, path: str | Path, *, metrics: dict | None = None, provenance: dict | None = None
 ) -> Path:
-    """Write `path` (safetensors) and `path.with_suffix('.json')` (config, metrics, provenance, hash)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        raise LRSError(
-            f"{path}: give the tensor file name (e.g. encoder.safetensors); the .json sidecar is added"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` (safetensors) and `path.with_suffix('.json')` (config, metrics, provenance, hash), atomically."""
     c = enc.config()
-    sidecar = {
-        "format": FORMAT,
-        **_layer_cfg(c),
-        "options": {key: v for key, v in c.items() if key not in ("kind", "layer", "d_model", "n_latents")},
-        "metrics": metrics if metrics is not None else getattr(enc, "metrics", {}),
-        "provenance": provenance or {},
-        "lrs_version": __version__,
-        "hash": encoder_hash(enc),
-        "weights": path.name,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(enc.tensors(), str(tmp), metadata={"format": FORMAT, "kind": c["kind"]})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return path
+    config = {**_layer_cfg(c), "options": {k: v for k, v in c.items() if k not in _layer_cfg(c)}}
+    return save_artifact(
+        path,
+        enc.tensors(),
+        format=FORMAT,
+        config=config,
+        provenance=provenance if provenance is not None else getattr(enc, "provenance", {}),
+        metrics=metrics if metrics is not None else getattr(enc, "metrics", {}),
+    )
 
 
 KINDS = {cls.kind: cls for cls in (TopKSAE, IdentityEncoder, PCAEncoder, SparsifyEncoder)}
@@ -755,29 +734,12 @@ KINDS = {cls.kind: cls for cls in (TopKSAE, IdentityEncoder, PCAEncoder, Sparsif
 def load_encoder(path: str | Path) -> Encoder:
     """Load an encoder written by `save_encoder` (the tensor file or its .json sidecar); checks the hash."""
     path = Path(path)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            path = path.with_name(json.loads(path.read_text())["weights"])
-        except (ValueError, KeyError):
-            raise LRSError(f"{path}: not an lrs encoder sidecar") from None
-    if not path.is_file():
-        raise LRSError(f"no encoder file at {path}")
-    hint = " (an LRS/thinking-llms .pt SAE loads with load_lrs_pt)" if path.suffix == ".pt" else ""
-    side = path.with_suffix(".json")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError):
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LRSError(f"{path}: not an lrs encoder (no valid sidecar {side.name}){hint}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LRSError(f"{path}: not a readable safetensors file ({first}){hint}") from None
-    config = {**meta.get("options", {}), **_layer_cfg(meta)}
-    kind = meta["kind"]
+    if path.suffix == ".pt":
+        raise LRSError(f"{path}: not an lrs encoder (an LRS/thinking-llms .pt SAE loads with load_lrs_pt)")
+    tensors, meta = load_artifact(path, format=FORMAT, what="encoder")
+    c = meta["config"]
+    config = {**c.get("options", {}), **_layer_cfg(c)}
+    kind = c["kind"]
     if kind == "saelens":
         if "release" not in config:
             raise LRSError(
@@ -792,10 +754,6 @@ def load_encoder(path: str | Path) -> Encoder:
             raise LRSError(f"{path}: tensors do not match the {kind} config ({first})") from None
     else:
         raise LRSError(f"{path}: unknown encoder kind {kind!r} (known: {', '.join([*KINDS, 'saelens'])})")
-    if encoder_hash(enc) != meta.get("hash"):
-        raise LRSError(
-            f"{path}: tensors do not match the hash in {side.name}: the file was changed or corrupted"
-        )
     enc.metrics, enc.provenance = meta.get("metrics", {}), meta.get("provenance", {})
     return enc
 

@@ -13,7 +13,6 @@ trace reveal its length, and length predicts the label.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,16 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrs import __version__
+from lrs.artifacts import jsonable, load_artifact, save_artifact, tensor_hash
 from lrs.errors import LRSError
 from lrs.stats import auroc, grouped_auroc_ci, within_group_auroc
 
-FORMAT = "lrs-reward-1"
+FORMAT = "lrs.reward/1"
 KINDS = ("causal", "mlp", "bidirectional")
 POSITIONS = (16, 32, 64, 128, 256)  # absolute token counts at which quality is reported
 PROBE_C = 0.1  # inverse L2 strength of the prompt / prompt+confidence logistic-regression baselines
@@ -178,57 +175,29 @@ class RewardModel(nn.Module):
 def save_reward_model(
     rm: RewardModel, path: str | Path, provenance: dict | None = None, metrics: dict | None = None
 ) -> Path:
-    """Write ``path`` (safetensors) and ``path.with_suffix('.json')`` (config, metrics, provenance, version)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        raise LRSError(
-            f"{path}: give the tensor file name (e.g. reward.safetensors); the .json sidecar is added"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = dict(
-        format=FORMAT,
-        config=rm.config(),
-        metrics=_jsonable(metrics or {}),
-        provenance=_jsonable(provenance or {}),
-        lrs_version=__version__,
-        weights=path.name,
+    """Write ``path`` (safetensors) and its ``.json`` sidecar (config, hash, metrics, provenance), atomically."""
+    return save_artifact(
+        path, rm.tensors(), format=FORMAT, config=rm.config(), provenance=provenance, metrics=metrics
     )
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(rm.tensors(), str(tmp), metadata={"format": FORMAT, "kind": rm.cfg.kind})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return path
+
+
+def reward_hash(rm: RewardModel) -> str:
+    """sha256 over the reward model's tensors (what cache keys and provenance record)."""
+    return tensor_hash(rm.tensors())
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
-    """Load a reward model written by :func:`save_reward_model` (the tensor file or its .json sidecar), in eval mode."""
+    """Load a reward model written by :func:`save_reward_model` (tensor file or sidecar), hash-checked, in eval mode."""
     path = Path(path)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            path = path.with_name(json.loads(path.read_text())["weights"])
-        except (ValueError, KeyError, TypeError):
-            raise LRSError(f"{path}: not an lrs reward model sidecar") from None
-    if not path.is_file():
+    if not path.exists():
         raise LRSError(f"no reward model file at {path}: train one with `lrs train-reward`")
-    side = path.with_suffix(".json")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError):
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
-        raise LRSError(f"{path}: not an lrs reward model (no valid sidecar {side.name})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LRSError(f"{path}: not a readable safetensors file ({first})") from None
+    tensors, meta = load_artifact(path, format=FORMAT, what="reward model")
     c = meta["config"]
     try:
         cfg = RewardConfig(**{f.name: c[f.name] for f in fields(RewardConfig) if f.name in c})
         rm = RewardModel(int(c["n_latents"]), cfg)
         rm.load_state_dict(tensors, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, LRSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LRSError(f"{path}: tensors do not match the reward model config ({first})") from None
     rm.metrics, rm.provenance = meta.get("metrics", {}), meta.get("provenance", {})
@@ -422,7 +391,7 @@ def train_reward_model(
         )  # fmt: skip
         sub["verdict"] = verdict(sub)
         report["heldout"] = sub
-    return rm.eval(), _jsonable(report)
+    return rm.eval(), jsonable(report)
 
 
 def _prep(latents: list[torch.Tensor], max_len: int) -> list[torch.Tensor]:
@@ -657,14 +626,3 @@ def _fmt_ci(ci, signed: bool = False) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _jsonable(x):
-    """Replace NaN with None and numpy scalars with Python ones, recursively (the report goes to JSON)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x

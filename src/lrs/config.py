@@ -1,0 +1,135 @@
+"""Typed configurations of every stage. The CLI builds its flags from these dataclasses (each field's ``help``
+metadata becomes the flag's help text), and library users build them directly or from a dict/YAML with
+:func:`from_dict`. Stage functions in :mod:`lrs.stages` take these, never argparse objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from lrs.errors import LRSError
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a help text (the CLI's ``--help``)."""
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load, on which device, in which dtype."""
+
+    model: str | None = opt(None, "packaged name, local folder, .gguf file or hub id (default: packaged 0.5B)")
+    device: str = opt("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "auto (bf16 on GPUs and bf16-native CPUs, else fp32), bfloat16, float16, float32")
+
+
+@dataclass
+class TaskConfig:
+    """Which problems: a task, a split and how many."""
+
+    task: str = opt("arith", "arith, gsm8k, math500, ..., jsonl:PATH or hf:REPO[:CONFIG]:SPLIT")
+    split: str = opt("test", "train, dev, test, or all (every problem of a file-only task)")
+    limit: int | None = opt(None, "use the first N problems of the split")
+    split_seed: int = opt(0, "seed of the fixed train/dev/test split (independent of the sampling seed)")
+    question_field: str | None = opt(None, "JSONL/hub field holding the question (default: auto)")
+    answer_field: str | None = opt(None, "JSONL/hub field holding the gold answer (default: auto)")
+
+
+@dataclass
+class GenConfig:
+    """How to generate."""
+
+    max_new_tokens: int = opt(384, "generation budget per problem")
+    batch_size: int = opt(16, "prompts per generate() batch")
+    seed: int = opt(0, "sampling / training seed (does not change the split)")
+
+
+@dataclass
+class CollectConfig:
+    """Stage 1: traces with hidden states."""
+
+    layers: list[int] | None = opt(None, "decoder layer(s) to record (default: the middle one)", nargs="+")
+    samples_per_problem: int = opt(1, "sampled traces per problem")
+    temperature: float = opt(0.0, "sampling temperature (0 = greedy)")
+    out: str | None = opt(None, "trace directory (default <run>/traces)")
+
+
+@dataclass
+class EncoderConfig:
+    """Stage 2a: fit an encoder on collected states."""
+
+    traces: str | None = opt(None, "trace directory (default <run>/traces)")
+    layer: int | None = opt(None, "layer (default: the first collected)")
+    kind: str = opt("topk", "encoder type", choices=("topk", "identity", "pca"))
+    latents: int = opt(10, "latent width n (paper: 10)")
+    topk: int = opt(3, "active latents while training the TopK SAE (paper: 3)")
+    sparse: bool = opt(False, "keep top-k sparsity at use time (default: dense code)")
+    rescale: bool = opt(True, "scale decoded deltas by |h - mu| (--no-rescale: reference behaviour)")
+    max_states: int = opt(200_000, "subsample states for fitting")
+    out: str | None = opt(None, "encoder path (default <run>/encoder.safetensors)")
+
+
+@dataclass
+class RewardTrainConfig:
+    """Stage 2b: train the latent reward model."""
+
+    traces: str | None = opt(None, "trace directory (default <run>/traces)")
+    encoder: str | None = opt(None, "encoder artefact (default <run>/encoder.safetensors)")
+    kind: str = opt("causal", "reward model type", choices=("causal", "mlp", "bidirectional"))
+    eval_traces: str | None = opt(
+        None, "second trace set on other problems: the report is repeated on it, with within-problem AUROC"
+    )
+    epochs: int | None = opt(None, "maximum epochs (early stopping on val AUROC)")
+    out: str | None = opt(None, "reward model path (default <run>/reward.safetensors)")
+
+
+@dataclass
+class SteerOverrides:
+    """Explicit steering settings; ``None`` keeps the tuned (``--tuned``) or default value."""
+
+    k: int | None = opt(None, "gradient steps per steered token")
+    alpha: float | None = opt(None, "latent step size (LRS) or vector scale (diffmean)")
+    tau_r: float | None = opt(None, "gate: steer when reward prob < tau_r")
+    tau_c: float | None = opt(None, "gate: or when the previous top prob < tau_c")
+    warmup: int | None = opt(None, "no steering in the first N tokens")
+    every: int | None = opt(None, "steer a row at most every N tokens")
+    tuned: bool = opt(False, "use the settings `lrs tune` chose on dev for these artefacts")
+    encoder: str | None = opt(None, "encoder artefact (default <run>/encoder.safetensors)")
+    reward: str | None = opt(None, "reward model artefact (default <run>/reward.safetensors)")
+    log_events: bool = opt(False, "record per-token r, c, steered, |dh| in the JSONL")
+
+    def values(self) -> dict:
+        """The explicitly set SteerConfig fields."""
+        keys = ("k", "alpha", "tau_r", "tau_c", "warmup", "every")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate one method on one split."""
+
+    method: str = opt("base", "evaluation method")
+    shots: int = opt(4, "examples for --method fewshot (from the train split of --fewshot-task)")
+    out: str | None = opt(None, "results directory (default <run>/eval/<task>/<split>)")
+    force: bool = opt(False, "re-run even if a result with the same cache key exists")
+
+
+@dataclass
+class TuneConfig:
+    """Choose steering settings on the dev split."""
+
+    grid: str = opt("small", "size of the grid", choices=("tiny", "small", "full"))
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Build a config from a plain dict (e.g. a parsed YAML file); unknown keys are a one-line error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LRSError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return cls(**data)
