@@ -65,7 +65,8 @@ def test_eval_writes_records_and_summary(model_dir, tmp_path, capsys):
     recs = [json.loads(x) for x in lines]
     assert len(recs) == 5 and all(r["tokens"] <= 4 and r["correct"] is False for r in recs)
     summary = json.loads((out / "base.summary.json").read_text())
-    assert summary["n"] == 5 and summary["accuracy"] == 0.0 and summary["ci95"] == [0.0, 0.0]
+    assert summary["n"] == 5 and summary["accuracy"] == 0.0 and summary["ci95"][0] == 0.0
+    assert summary["ci95"][1] == pytest.approx(0.4345, abs=1e-3)  # Wilson at 0/5, never [0, 0]
     assert summary["versions"]["torch"] and summary["seed"] == 0 and summary["dtype"] == "float32"
     assert "base: accuracy 0.0%" in capsys.readouterr().out
 
@@ -116,9 +117,9 @@ def test_pipeline_collect_fit_train_eval_lrs(model_dir, tmp_path, monkeypatch, c
         "--log-events",
     ]
     assert main(argv) == 0
-    summary = json.loads((tmp_path / "run" / "eval" / "test" / "lrs.summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "eval" / "arith" / "test" / "lrs.summary.json").read_text())
     assert summary["steering"]["steer_rate"] > 0.9 and summary["steering"]["config"]["alpha"] == 0.5
-    rec = json.loads((tmp_path / "run" / "eval" / "test" / "lrs.jsonl").read_text().splitlines()[0])
+    rec = json.loads((tmp_path / "run" / "eval" / "arith" / "test" / "lrs.jsonl").read_text().splitlines()[0])
     assert rec["steers"] > 0 and rec["events"][-1]["steered"] in (True, False)
     # a single-class trace set is refused with counts
     monkeypatch.setattr(

@@ -32,7 +32,7 @@ def test_report_table_and_plots(tmp_path):
     out = tmp_path / "eval" / "test"
     write_result(_res("base", [0, 0, 1, 1]), out, "base")
     write_result(_res("lrs", [1, 0, 1, 0], steer=0.2), out, "lrs")
-    text = write_report(tmp_path, "test").read_text()
+    text = write_report(out, tmp_path).read_text()
     assert "| base | 4 | 50.0% (10.0%–90.0%) |" in text
     assert "| lrs | 4 | 50.0% (10.0%–90.0%) | +0.0% | 1 / 1 | 1 | 100 | 20.0% | 10 |" in text
     assert "±40%" in text
@@ -42,4 +42,4 @@ def test_report_table_and_plots(tmp_path):
 
 def test_report_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(LRSError, match="no results"):
-        write_report(tmp_path, "test")
+        write_report(tmp_path / "eval" / "test")

@@ -3,13 +3,15 @@
 import pytest
 import torch
 from conftest import make_model, make_tokenizer
+from transformers import GenerationConfig
 
+import lrs.generation
 from lrs.encoders import IdentityEncoder, TopKSAE
 from lrs.errors import LRSError
-from lrs.generation import generate, layer_output
+from lrs.generation import eos_ids, generate, layer_output
 from lrs.models import decoder_layers
 from lrs.reward import RewardConfig, RewardModel
-from lrs.steering import DiffMeanSteerer, Gate, LatentRewardSteerer, SteerConfig
+from lrs.steering import DiffMeanSteerer, Gate, LatentRewardSteerer, SteerConfig, SteeringVectors
 
 LAYER = 1
 QUESTIONS = ["What is 2+3?", "hi", "a much longer question about numbers and apples"]
@@ -245,3 +247,259 @@ def test_gate_logic():
     assert Gate(mode="always").fires(torch.ones(2), torch.ones(2)).all()
     with pytest.raises(LRSError):
         Gate(mode="sometimes")
+
+
+# ---- Steerer.apply() around plain model.generate ------------------------------------------------------------
+
+ALWAYS = SteerConfig(gate="always", warmup=0, every=1)
+
+
+class ForceToken:
+    """Logits processor: row ``row`` emits ``token`` as its generated token number ``at`` (0-based)."""
+
+    def __init__(self, prompt_len: int, row: int, at: int, token: int):
+        self.prompt_len, self.row, self.at, self.token = prompt_len, row, at, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_len + self.at:
+            scores = scores.clone()
+            scores[self.row] = float("-inf")
+            scores[self.row, self.token] = 0.0
+        return scores
+
+
+def _steerer(kind, enc, rm, cfg=ALWAYS):
+    if kind == "latent":
+        return LatentRewardSteerer(enc, rm, cfg)
+    torch.manual_seed(7)
+    return DiffMeanSteerer(torch.randn(32) * 0.2, LAYER, alpha=0.5)
+
+
+def _inputs(tok, prompts):
+    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _gen(model, tok, enc, n, **kw):
+    with torch.no_grad():
+        return model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, **kw)
+
+
+def _live_steps(out, prompt_len, stop):
+    """Decode calls in which each row was still generating: (its tokens up to and including a stop) - 1."""
+    steps = []
+    for row in out[:, prompt_len:].tolist():
+        k = next((i for i, t in enumerate(row) if t in stop), len(row) - 1)
+        steps.append(k)
+    return steps
+
+
+def _no_lrs_hooks_left(model):
+    blocks = decoder_layers(model)
+    assert "generate" not in vars(model)
+    assert model.generate.__func__ is type(model).generate
+    assert not model._forward_pre_hooks
+    assert not model.get_output_embeddings()._forward_hooks
+    assert not any(b._forward_hooks for b in blocks)
+
+
+@pytest.mark.parametrize("kind", ["latent", "vector"])
+def test_apply_steers_every_live_decode_step(kind):
+    model, tok, enc, rm, prompts = _setup("llama")
+    st = _steerer(kind, enc, rm)
+    inputs = _inputs(tok, prompts)
+    p = inputs["input_ids"].shape[1]
+    with st.apply(model, tok):
+        out = _gen(model, tok, inputs, 9, logits_processor=[ForceToken(p, row=1, at=3, token=258)])
+    steps = _live_steps(out, p, eos_ids(model, tok))
+    assert steps[1] == 3 and max(steps) == 8  # row 1 stopped at its token 3, another row ran to the end
+    stats = st.stats()
+    assert stats["steered_tokens"] > 0
+    assert stats["generated_steps"] == sum(steps)
+    assert stats["steered_tokens"] == sum(steps)  # gate always, no warm-up, every token
+    assert [st.row_stats()[i]["steer_steps"] for i in range(3)] == steps
+    assert [st.row_stats()[i]["steers"] for i in range(3)] == steps
+    if kind == "latent":
+        assert stats["nan_skipped"] == 0 and stats["steer_rate"] == 1.0 and stats["mean_dh_norm"] > 0
+    _no_lrs_hooks_left(model)
+
+
+@pytest.mark.parametrize("kind", ["latent", "vector"])
+def test_apply_accumulates_statistics_over_generate_calls(kind):
+    model, tok, enc, rm, prompts = _setup("qwen2")
+    cfg = SteerConfig(gate="always", warmup=1, every=2)  # steered_tokens != generated_steps
+    calls = [(_inputs(tok, prompts[:2]), 6), (_inputs(tok, prompts[2:]), 9)]
+    alone, outs = [], []
+    for inputs, n in calls:
+        st = _steerer(kind, enc, rm, cfg)
+        with st.apply(model, tok):
+            outs.append(_gen(model, tok, inputs, n))
+        alone.append(st)
+    both = _steerer(kind, enc, rm, cfg)
+    with both.apply(model, tok):
+        together = [_gen(model, tok, inputs, n) for inputs, n in calls]
+    for a, b in zip(outs, together, strict=True):
+        assert torch.equal(a, b)  # the second call is steered exactly as if it were alone
+    for key in ("steered_tokens", "generated_steps"):
+        assert both.stats()[key] == sum(s.stats()[key] for s in alone)
+    assert both.stats()["generated_steps"] == 2 * 5 + 1 * 8  # 2 rows x 5 steps, 1 row x 8 steps
+    if kind == "latent":
+        assert 0 < both.stats()["steered_tokens"] < both.stats()["generated_steps"]
+    rows = both.row_stats()
+    expect = [*alone[0].row_stats().values(), *alone[1].row_stats().values()]
+    assert sorted(rows) == [0, 1, 2]  # rows of both calls, in arrival order
+    for i, want in enumerate(expect):
+        assert rows[i] == pytest.approx(want)
+
+
+@pytest.mark.parametrize(
+    "refused",
+    ["num_beams", "num_return_sequences", "use_cache", "inputs_embeds", "generation_config", "model_config"],
+)
+@pytest.mark.parametrize("kind", ["latent", "vector"])
+def test_apply_refuses_modes_it_cannot_steer_per_row(kind, refused):
+    model, tok, enc, rm, prompts = _setup("qwen2")
+    st = _steerer(kind, enc, rm)
+    inputs = _inputs(tok, prompts)
+    kw = dict(max_new_tokens=4, pad_token_id=tok.pad_token_id)
+    if refused == "num_beams":
+        kw.update(num_beams=2, do_sample=False)
+    elif refused == "num_return_sequences":
+        kw.update(num_return_sequences=2, do_sample=True)
+    elif refused == "use_cache":
+        kw.update(use_cache=False, do_sample=False)
+    elif refused == "generation_config":
+        kw.update(generation_config=GenerationConfig(num_beams=2, max_new_tokens=4, pad_token_id=256))
+    elif refused == "model_config":
+        model.generation_config.num_return_sequences = 2
+        model.generation_config.do_sample = True
+    if refused == "inputs_embeds":
+        args = dict(
+            inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]),
+            attention_mask=inputs["attention_mask"],
+        )
+    else:
+        args = dict(inputs)
+    forward_calls = []
+    counter = model.register_forward_pre_hook(lambda m, a: forward_calls.append(1))
+    with st.apply(model, tok):
+        with pytest.raises(LRSError) as e, torch.no_grad():
+            model.generate(**args, **kw)
+        assert not forward_calls  # refused before any compute
+        assert st.stats()["generated_steps"] == 0
+        if refused == "model_config":
+            model.generation_config.num_return_sequences = 1
+            model.generation_config.do_sample = False
+        _gen(model, tok, inputs, 4)  # the block is still usable after a refusal
+    counter.remove()
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "not supported" in msg or "use_cache=True" in msg
+    assert st.stats()["generated_steps"] == 3 * 3
+    _no_lrs_hooks_left(model)
+
+
+def test_apply_restores_generate_after_the_block_and_after_errors():
+    model, tok, enc, rm, prompts = _setup("qwen2")
+    inputs = _inputs(tok, prompts)
+    st = LatentRewardSteerer(enc, rm, ALWAYS)
+    with st.apply(model, tok) as same:
+        assert same is st
+        assert "generate" in vars(model)  # the wrapper is on the instance only while the block is open
+    _no_lrs_hooks_left(model)
+    with pytest.raises(LRSError), st.apply(model, tok):
+        _gen(model, tok, inputs, 3, num_beams=2)
+    _no_lrs_hooks_left(model)
+    with pytest.raises(RuntimeError, match="user error"), st.apply(model, tok):
+        raise RuntimeError("user error")
+    _no_lrs_hooks_left(model)
+    wide = LatentRewardSteerer(TopKSAE(64, n_latents=8, k=3, layer=LAYER), rm, ALWAYS)
+    with pytest.raises(LRSError, match="hidden size"), wide.apply(model, tok):
+        pass  # refused on entry
+    _no_lrs_hooks_left(model)
+    plain = _gen(model, tok, inputs, 5)
+    with st.apply(model, tok):
+        steered = _gen(model, tok, inputs, 5)
+    assert torch.equal(_gen(model, tok, inputs, 5), plain)  # nothing steers after the block
+    assert not torch.equal(steered, plain)
+
+
+def test_apply_restores_an_instance_level_generate():
+    model, tok, enc, rm, prompts = _setup("qwen2")
+    calls = []
+    original = model.generate
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.generate = patched
+    st = DiffMeanSteerer(torch.randn(32), LAYER)
+    with st.apply(model, tok):
+        _gen(model, tok, _inputs(tok, prompts), 3)
+    assert vars(model)["generate"] is patched and calls == [1]
+    assert st.stats()["generated_steps"] == 3 * 2
+
+
+@pytest.mark.parametrize("kind", ["latent", "vector"])
+@pytest.mark.parametrize("path", ["apply", "generate"])
+def test_a_broken_tracker_fails_instead_of_returning_unsteered_text(monkeypatch, kind, path):
+    model, tok, enc, rm, prompts = _setup("qwen2")
+    st = _steerer(kind, enc, rm)
+    # every forward call looks like a prefill: the transformers 5.24 failure of the old tracker
+    monkeypatch.setattr(lrs.generation, "past_length", lambda ids, kwargs: 0)
+    with pytest.raises(LRSError, match="decode steps") as e:
+        if path == "apply":
+            with st.apply(model, tok):
+                _gen(model, tok, _inputs(tok, prompts), 6)
+        else:
+            generate(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False, context=st.context)
+    assert "\n" not in str(e.value)
+    assert st.stats()["steered_tokens"] == 0
+    _no_lrs_hooks_left(model)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_vectors_add_alpha_v_at_live_decode_positions_only(arch):
+    model, tok, _, _, prompts = _setup(arch)
+    torch.manual_seed(5)
+    vecs = {0: torch.randn(32) * 0.1, 1: torch.randn(32) * 0.1}
+    alpha = 0.7
+    st = SteeringVectors(vecs, alpha)
+    blocks = decoder_layers(model)
+    before = {L: Capture() for L in vecs}
+    after = {L: Capture() for L in vecs}
+    handles = [blocks[L].register_forward_hook(before[L]) for L in vecs]
+    inputs = _inputs(tok, prompts)
+    p, n = inputs["input_ids"].shape[1], 8
+    stop = ForceToken(p, row=0, at=2, token=258)  # row 0 ends with its token 2: live in calls 1 and 2 only
+    with st.apply(model, tok):
+        handles += [blocks[L].register_forward_hook(after[L]) for L in vecs]
+        out = _gen(model, tok, inputs, n, logits_processor=[stop])
+    for h in handles:
+        h.remove()
+    live_steps = _live_steps(out, p, eos_ids(model, tok))
+    assert live_steps[0] == 2 and len(before[0].calls) == n
+    for L, v in vecs.items():
+        b, a = before[L].calls, after[L].calls
+        assert torch.equal(a[0], b[0])  # prefill: prompt positions, padding included, untouched
+        for s in range(1, n):
+            diff = a[s] - b[s]
+            assert diff.shape[1] == 1  # a decode call: only the current position
+            for row in range(3):
+                if s <= live_steps[row]:
+                    torch.testing.assert_close(diff[row, -1], alpha * v, rtol=0, atol=1e-6)
+                else:
+                    assert torch.equal(diff[row], torch.zeros_like(diff[row]))  # finished: padding untouched
+    assert [st.row_stats()[i]["steer_steps"] for i in range(3)] == live_steps
+    assert st.stats()["steered_tokens"] == st.stats()["generated_steps"] == sum(live_steps)
+
+
+def test_apply_never_steers_rows_finished_by_a_per_call_eos_token_id():
+    model, tok, _, _, prompts = _setup("qwen2")
+    st = DiffMeanSteerer(torch.randn(32) * 0.1, LAYER, alpha=0.5)
+    inputs = _inputs(tok, prompts)
+    p, stop = inputs["input_ids"].shape[1], 65  # 65 is no stop token of the model or the tokenizer
+    with st.apply(model, tok):
+        out = _gen(model, tok, inputs, 8, eos_token_id=[stop], logits_processor=[ForceToken(p, 0, 2, stop)])
+    assert out[0, p + 3 :].eq(tok.pad_token_id).all()  # generate() finished row 0 with its token 2
+    assert st.row_stats()[0]["steer_steps"] == 2

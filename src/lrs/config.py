@@ -23,9 +23,13 @@ def opt(default: Any, help: str, **kw) -> Any:
 class ModelConfig:
     """Which model to load, on which device, in which dtype."""
 
-    model: str | None = opt(None, "packaged name, local folder, .gguf file or hub id (default: packaged 0.5B)")
+    model: str | None = opt(
+        None, "packaged name, local folder, .gguf file or hub id (default: packaged 0.5B)"
+    )
     device: str = opt("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
-    dtype: str = opt("auto", "auto (bf16 on GPUs and bf16-native CPUs, else fp32), bfloat16, float16, float32")
+    dtype: str = opt(
+        "auto", "auto (bf16 on GPUs and bf16-native CPUs, else fp32), bfloat16, float16, float32"
+    )
 
 
 @dataclass
@@ -131,5 +135,7 @@ def from_dict(cls: type[T], data: dict) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise LRSError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        raise LRSError(
+            f"unknown {cls.__name__} setting(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+        )
     return cls(**data)

@@ -7,126 +7,110 @@ LRS, LRS basic, random-direction control and diffmean on test -> Markdown report
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from lrs.evaluate import evaluate, load_result, summary_line
-from lrs.models import load_model
-from lrs.pipeline import (
-    argparse_namespace,
-    describe_traces,
-    fit_encoder_from_traces,
-    make_steerer,
-    train_reward_from_traces,
-    tune,
+from lrs import stages
+from lrs.config import (
+    CollectConfig,
+    EncoderConfig,
+    EvalConfig,
+    GenConfig,
+    ModelConfig,
+    RewardTrainConfig,
+    SteerOverrides,
+    TaskConfig,
 )
+from lrs.encoders import load_encoder, save_encoder
+from lrs.evaluate import summary_line
 from lrs.report import write_report
-from lrs.tasks import load_task
-from lrs.traces import collect_traces
+from lrs.reward import format_report, save_reward_model
+from lrs.runs import RunDir, slug
+from lrs.steering import TEST_METHODS
 
-TEST_METHODS = ("base", "lrs", "lrs-basic", "random", "diffmean")
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo run."""
+
+    train: int
+    dev: int
+    test: int
+    tokens: int
+    latents: int
+    grid: str
+    batch: int
+
+
+PRESETS = {
+    "quick": Preset(train=64, dev=16, test=32, tokens=224, latents=16, grid="tiny", batch=16),
+    "full": Preset(train=600, dev=100, test=300, tokens=512, latents=64, grid="small", batch=16),
+}
 
 
 def _say(msg: str) -> None:
     print(f"[lrs demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_demo(args, preset: dict) -> Path:
+def run_demo(
+    mc: ModelConfig,
+    task: str = "arith",
+    preset: str | Preset = "quick",
+    run: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Run (or resume) the demo pipeline and return the report path."""
-    from lrs.encoders import encoder_hash, load_encoder, save_encoder
-    from lrs.reward import format_report, save_reward_model
-
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    name = preset if isinstance(preset, str) else "custom"
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype)
-    from lrs.cli import _slug
+    model, tok = stages.load(mc)
     from lrs.packaged import DEFAULT_MODEL
 
     rd = (
-        Path(args.run)
-        if args.run
-        else Path("runs") / f"demo-{args.preset}-{args.task}-{_slug(args.model or DEFAULT_MODEL)}"
+        RunDir(Path(run))
+        if run
+        else RunDir(Path("runs") / f"demo-{name}-{slug(task)}-{slug(mc.model or DEFAULT_MODEL)}")
     )
-    rd.mkdir(parents=True, exist_ok=True)
-    from lrs.models import decoder_layers
+    rd.root.mkdir(parents=True, exist_ok=True)
+    layer = stages.middle_layer(model)
+    gc = GenConfig(max_new_tokens=p.tokens, batch_size=p.batch, seed=seed)
+    tc = TaskConfig(task=task)
 
-    layer = len(decoder_layers(model)) // 2
-    tokens, batch, seed = preset["tokens"], preset["batch"], args.seed
-
-    _say(f"1/5 collecting {preset['train']} train traces at layer {layer} into {rd / 'traces'}")
-    train = load_task(args.task, "train", seed=seed, limit=preset["train"])
-    ts = collect_traces(
-        model,
-        tok,
-        train,
-        rd / "traces",
-        layers=[layer],
-        max_new_tokens=tokens,
-        batch_size=batch,
-        seed=seed,
-        meta=dict(task=args.task, split="train"),
+    _say(f"1/5 collecting {p.train} train traces at layer {layer} into {rd.traces}")
+    train = stages.problems(tc, split="train", limit=p.train)
+    ts = stages.collect(
+        model, tok, train, rd, gc, CollectConfig(layers=[layer]), dict(task=task, split="train")
     )
-    _say(describe_traces(ts))
+    _say(stages.describe_traces(ts))
 
-    enc_path = rd / "encoder.safetensors"
-    if not enc_path.exists():
-        _say(f"2/5 fitting a TopK SAE encoder ({preset['latents']} latents, k=3) on the train states")
-        enc, metrics = fit_encoder_from_traces(ts, layer, "topk", preset["latents"], 3, seed=seed)
-        save_encoder(
-            enc,
-            enc_path,
-            provenance=dict(model=ts.config["model"], layer=layer, data_fingerprint=ts.fingerprint()),
-            metrics=metrics,
-        )
-    enc = load_encoder(enc_path)
+    if not rd.encoder.exists():
+        _say(f"2/5 fitting a TopK SAE encoder ({p.latents} latents, k=3) on the train states")
+        enc, metrics = stages.fit_encoder(ts, EncoderConfig(latents=p.latents, layer=layer), seed=seed)
+        save_encoder(enc, rd.encoder, metrics=metrics)
+    enc = load_encoder(rd.encoder)
 
-    rm_path = rd / "reward.safetensors"
-    if not rm_path.exists():
+    report_txt = rd.reward.with_suffix(".report.txt")
+    if not rd.reward.exists():
         _say("3/5 training the causal latent reward model (split by problem, selected on val AUROC)")
-        rm, report = train_reward_from_traces(ts, enc, "causal", seed=seed)
-        save_reward_model(
-            rm,
-            rm_path,
-            provenance=dict(
-                model=ts.config["model"],
-                layer=layer,
-                encoder_hash=encoder_hash(enc),
-                data_fingerprint=ts.fingerprint(),
-            ),
-            metrics=report,
-        )
-        rm_path.with_suffix(".report.txt").write_text(format_report(report) + "\n")
-    rm_text = rm_path.with_suffix(".report.txt").read_text()
+        rm, report = stages.train_reward(ts, enc, RewardTrainConfig(), seed=seed)
+        save_reward_model(rm, rd.reward, provenance=rm.provenance, metrics=report)
+        report_txt.write_text(format_report(report) + "\n")
+    rm_text = report_txt.read_text() if report_txt.exists() else "(no report)"
     print(rm_text)
 
-    ns = argparse_namespace(
-        args, run=str(rd), encoder=None, reward=None, tuned=True, log_events=False, diffmean_alpha=None
-    )
-    if not (rd / "tune.json").exists():
-        dev = load_task(args.task, "dev", seed=seed, limit=preset["dev"])
-        _say(f"4/5 tuning on {len(dev)} dev problems (grid '{preset['grid']}'); test is not touched")
-        tune(model, tok, dev, rd, preset["grid"], args=ns, max_new_tokens=tokens, batch_size=batch)
+    so = SteerOverrides(tuned=True)
+    key = stages.artefact_key(rd, so)
+    if not rd.tune_file(key).exists():
+        dev = stages.problems(tc, split="dev", limit=p.dev)
+        _say(f"4/5 tuning on {len(dev)} dev problems (grid '{p.grid}'); test is not touched")
+        stages.tune(model, tok, dev, rd, p.grid, gc, SteerOverrides())
 
-    test = load_task(args.task, "test", seed=seed, limit=preset["test"])
-    out = rd / "eval" / "test"
-    _say(f"5/5 evaluating {', '.join(TEST_METHODS)} on {len(test)} test problems")
+    test_tc = TaskConfig(task=task, split="test", limit=p.test)
+    _say(f"5/5 evaluating {', '.join(TEST_METHODS)} on {p.test} test problems")
     for method in TEST_METHODS:
-        res = load_result(out, method)
-        if res is None or res["summary"]["n"] != len(test):
-            steerer = None
-            if method != "base":
-                steerer = make_steerer(argparse_namespace(ns, log_events=method == "lrs"), rd, model, method)
-            res = evaluate(
-                model,
-                tok,
-                test,
-                method=method,
-                steerer=steerer,
-                out_dir=out,
-                max_new_tokens=tokens,
-                batch_size=batch,
-                seed=seed,
-                extra=dict(task=args.task, split="test"),
-            )
-        _say(summary_line(res["summary"]))
+        so_m = SteerOverrides(tuned=True, log_events=method == "lrs")
+        res = stages.run_eval(model, tok, test_tc, gc, EvalConfig(method=method), so_m, rd)
+        _say(summary_line(res["summary"]) + (" (cached)" if res.get("cached") else ""))
     extra = [
         "## Reward model (validation traces, train split)",
         "",
@@ -134,8 +118,9 @@ def run_demo(args, preset: dict) -> Path:
         rm_text.rstrip(),
         "```",
         "",
-        f"Tuning choice (dev split): see `tune.json`. Total demo time: {time.perf_counter() - t0:.0f} s.",
+        f"Tuning choice (dev split): see `{rd.tune_file(key).relative_to(rd.root)}`. "
+        f"Total demo time: {time.perf_counter() - t0:.0f} s.",
     ]
-    path = write_report(rd, "test", extra=extra)
+    path = write_report(rd.eval_dir(task, "test"), rd.root, extra=extra)
     _say(f"report: {path}")
     return path

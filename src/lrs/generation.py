@@ -182,6 +182,12 @@ def check_generate_kwargs(model, kwargs: dict) -> None:
         raise LRSError("lrs hooks need the KV cache: call generate() with use_cache=True")
     if kwargs.get("inputs_embeds") is not None:
         raise LRSError("lrs hooks need input_ids: generate() with inputs_embeds is not supported")
+    for key in ("stop_strings", "stopping_criteria"):
+        if kwargs.get(key):
+            raise LRSError(
+                f"{key} is not supported under lrs hooks (rows it ends would still count as live): "
+                "use eos_token_id, or lrs.generation.generate"
+            )
     ret = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
     if ret > 1:
         raise LRSError(
@@ -189,10 +195,21 @@ def check_generate_kwargs(model, kwargs: dict) -> None:
         )
 
 
-def new_token_count(output, tracker: DecodeTracker) -> int:
+def call_stop_ids(model, kwargs: dict) -> list[int]:
+    """The token ids that end a row in this ``generate`` call (its ``eos_token_id``, else the config's)."""
+    ids = kwargs.get("eos_token_id")
+    if ids is None:
+        gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        ids = getattr(gc, "eos_token_id", None)
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return [ids] if isinstance(ids, int) else list(ids or [])
+
+
+def new_token_count(output, input_ids: torch.Tensor) -> int:
     """Generated positions in a ``generate`` output (a tensor or a ModelOutput with ``sequences``)."""
     seq = getattr(output, "sequences", output)
-    return int(seq.shape[1]) - tracker.prompt_len
+    return int(seq.shape[1]) - int(input_ids.shape[1])
 
 
 def layer_output(output) -> torch.Tensor:
@@ -263,13 +280,14 @@ def generate(
         enc = tokenizer(
             [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         )
-        enc = enc.to(model.device)
+        # only what every causal LM accepts: some tokenizers add token_type_ids, which generate() refuses
+        enc = {k: enc[k].to(model.device) for k in ("input_ids", "attention_mask")}
         torch.manual_seed(seed * 100003 + b)
         with torch.no_grad(), tracker.attach():
             ctx = context(b, idx, tracker) if context is not None else contextlib.nullcontext()
             with ctx:
                 out = model.generate(**enc, **gen_kwargs)
-        tracker.verify(new_token_count(out, tracker))
+        tracker.verify(new_token_count(out, enc["input_ids"]))
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         confs = torch.stack(tracker.confs, dim=1).cpu() if tracker.confs else None
         for row, i in enumerate(idx):

@@ -10,16 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lrs.artifacts import atomic_write_text  # noqa: E402
 from lrs.errors import LRSError  # noqa: E402
 from lrs.evaluate import compare, load_result  # noqa: E402
-
-ORDER = ("base", "cot", "fewshot", "lrs", "lrs-basic", "random", "diffmean")
+from lrs.steering import METHODS  # noqa: E402
 
 
 def load_results(eval_dir: Path) -> dict[str, dict]:
     """All method results in an eval directory, in a fixed method order."""
     found = {}
-    for name in ORDER:
+    for name in METHODS:
         res = load_result(eval_dir, name)
         if res is not None:
             found[name] = res
@@ -75,7 +75,7 @@ def _plot_accuracy(rows: list[dict], path: Path) -> None:
         xs, accs, yerr=err, capsize=4, color=["#888" if r["method"] == "base" else "#3b7dd8" for r in rows]
     )
     ax.set_xticks(list(xs), [r["method"] for r in rows])
-    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_ylabel("accuracy (95% Wilson CI)")
     ax.set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -133,13 +133,19 @@ def _plot_reward(results: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def write_report(run: Path, split: str = "test", extra: list[str] | None = None) -> Path:
-    """Write ``<run>/report.md`` and its PNG plots from ``<run>/eval/<split>``; returns the report path."""
-    eval_dir = Path(run) / "eval" / split
+def write_report(eval_dir: Path, out: Path | None = None, extra: list[str] | None = None) -> Path:
+    """Write ``<out>/report.md`` and its PNG plots from the results in ``eval_dir``; returns the report path.
+
+    ``out`` defaults to ``eval_dir``. Each method's artefact hashes are listed, so a report that mixes
+    results of different encoders or reward models shows it.
+    """
+    eval_dir = Path(eval_dir)
+    split = eval_dir.name
     results = load_results(eval_dir)
     lines, rows = results_table(results)
     s0 = next(iter(results.values()))["summary"]
-    out = Path(run)
+    out = Path(out) if out is not None else eval_dir
+    out.mkdir(parents=True, exist_ok=True)
     _plot_accuracy(rows, out / "accuracy.png")
     _plot_steer_rate(rows, out / "steer_rate.png")
     has_reward = _plot_reward(results, out / "reward_trace.png")
@@ -170,7 +176,13 @@ def write_report(run: Path, split: str = "test", extra: list[str] | None = None)
         ]
     if extra:
         md += ["", *extra]
+    md += ["", "Artefacts behind each result (hash prefixes; a result is reused only when all match):", ""]
+    for name, res in results.items():
+        st = (res["summary"].get("key_parts") or {}).get("steerer") or {}
+        arts = ", ".join(f"{k} {str(v)[:12]}" for k, v in st.items() if k in ("encoder", "reward", "vectors"))
+        md.append(
+            f"- {name}: cache key `{res['summary'].get('cache_key', '?')}`" + (f"; {arts}" if arts else "")
+        )
     md += ["", "Versions: `" + json.dumps(s0.get("versions", {})) + "`", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(md))
+    path = atomic_write_text(out / "report.md", "\n".join(md))
     return path

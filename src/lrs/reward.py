@@ -624,5 +624,3 @@ def _fmt_ci(ci, signed: bool = False) -> str:
     if not ci or any(_num(v) is None for v in ci):
         return "[-]"
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-

@@ -25,7 +25,7 @@ from lrs import __version__
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, generate, layer_output
 from lrs.grading import grade
-from lrs.models import decoder_layers, model_name, resolve_layer
+from lrs.models import decoder_layers, model_fingerprint, model_name, resolve_layer
 from lrs.tasks import Problem, build_prompts
 
 MANIFEST = "manifest.json"
@@ -199,6 +199,7 @@ def collect_traces(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     config = dict(
         model=model_name(model),
+        model_fingerprint=model_fingerprint(model),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         layers=layers,
         problems=[p.id for p in problems],

@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from lrs.generation import DecodeTracker, check_generate_kwargs, eos_ids, new_token_count
+import torch
+
+from lrs.errors import LRSError
+from lrs.generation import DecodeTracker, call_stop_ids, check_generate_kwargs, eos_ids, new_token_count
 
 
 @contextlib.contextmanager
@@ -57,6 +60,10 @@ class Steerer:
         """Totals over everything steered since the last :meth:`reset`."""
         raise NotImplementedError
 
+    def fingerprint(self) -> dict:
+        """What determines this steerer's effect (config and artefact hashes): part of every result's cache key."""
+        return {"class": type(self).__name__}
+
     def row_stats(self) -> dict[int, dict]:
         """Per-row counters (and events if logging), keyed by problem index or arrival order."""
         return self._rows
@@ -64,6 +71,12 @@ class Steerer:
     def reset(self) -> None:
         """Forget the statistics collected so far."""
         self._rows = {}
+
+    def _flush(self) -> None:
+        """Store the statistics of the ``generate`` call that just ended (set by :meth:`context`)."""
+        cb = getattr(self, "_flush_cb", None)
+        if cb is not None:
+            cb()
 
     def _key(self, indices: list[int] | None, row: int) -> int:
         return indices[row] if indices is not None else len(self._rows)
@@ -77,8 +90,14 @@ class Steerer:
 
         def generate(*args, **kwargs):
             check_generate_kwargs(model, kwargs)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise LRSError("lrs hooks need generate(input_ids=...) (inputs_embeds is not supported)")
+            tracker.reset()
+            tracker.stop_ids = torch.tensor(call_stop_ids(model, kwargs), dtype=torch.long)
             out = original(*args, **kwargs)
-            tracker.verify(new_token_count(out, tracker))
+            tracker.verify(new_token_count(out, ids))
+            self._flush()
             return out
 
         with tracker.attach(), self.context(None, None, tracker):

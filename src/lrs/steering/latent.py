@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lrs.artifacts import tensor_hash
 from lrs.encoders import encoder_hash
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, layer_output, replace_layer_output
@@ -172,7 +173,17 @@ class LatentRewardSteerer(Steerer):
         def hook(module, args, output):
             return self._step(output, tracker, state, indices)
 
-        return hooked(block, hook, lambda: self._store(state.pop("s", None), indices))
+        self._flush_cb = lambda: self._store(state.pop("s", None), indices)
+        return hooked(block, hook, self._flush_cb)
+
+    def fingerprint(self) -> dict:
+        return dict(
+            kind="latent",
+            config=asdict(self.cfg),
+            window=self.window,
+            encoder=encoder_hash(self.encoder),
+            reward=tensor_hash(self.reward.tensors()) if hasattr(self.reward, "tensors") else None,
+        )
 
     def stats(self) -> dict:
         """Totals over everything steered so far: steer rate, steered tokens, skipped NaN steps, mean |dh|."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lrs.artifacts import load_artifact, save_artifact
+from lrs.artifacts import load_artifact, save_artifact, tensor_hash
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, layer_output, replace_layer_output
 from lrs.models import decoder_layers, hidden_size
@@ -78,6 +78,14 @@ class SteeringVectors(Steerer):
             )
         return SteeringVectors({layer: v}, alpha, source="diffmean", provenance=prov)
 
+    def fingerprint(self) -> dict:
+        return dict(
+            kind="vectors",
+            alpha=self.alpha,
+            source=self.source,
+            vectors=tensor_hash({f"layer.{L}": v for L, v in self.vectors.items()}),
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write the vectors as an artefact (safetensors + JSON sidecar with hash and provenance)."""
         return save_artifact(
@@ -130,6 +138,8 @@ class SteeringVectors(Steerer):
                 return replace_layer_output(output, h)
 
             return hook
+
+        self._flush_cb = lambda: self._store(state.pop("steps", None), indices)
 
         @contextlib.contextmanager
         def ctx():

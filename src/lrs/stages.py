@@ -1,0 +1,347 @@
+"""The pipeline's stages as library functions over typed configs: collect, fit an encoder, train the reward
+model, build a steerer, tune on dev, evaluate. The CLI and ``lrs demo`` are thin callers of these.
+
+Every stage reads and writes inside a :class:`~lrs.runs.RunDir`; every cached result is keyed by what
+produced it (see :mod:`lrs.runs`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from lrs.artifacts import atomic_write_json
+from lrs.config import (
+    CollectConfig,
+    EncoderConfig,
+    EvalConfig,
+    GenConfig,
+    ModelConfig,
+    RewardTrainConfig,
+    SteerOverrides,
+    TaskConfig,
+)
+from lrs.errors import LRSError
+from lrs.runs import RunDir, cache_key
+from lrs.steering import METHODS, LatentRewardSteerer, SteerConfig, SteeringVectors, get_method
+from lrs.tasks import Problem, load_task
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def load(mc: ModelConfig):
+    """(model, tokenizer) for a model config."""
+    from lrs.models import load_model
+
+    return load_model(mc.model, dtype=mc.dtype, device=mc.device)
+
+
+def problems(tc: TaskConfig, split: str | None = None, limit: int | None = None) -> list[Problem]:
+    """The problems a task config names (``split``/``limit`` override the config's)."""
+    return load_task(
+        tc.task,
+        split or tc.split,
+        split_seed=tc.split_seed,
+        limit=tc.limit if limit is None else limit,
+        question_field=tc.question_field,
+        answer_field=tc.answer_field,
+    )
+
+
+def middle_layer(model) -> int:
+    from lrs.models import decoder_layers
+
+    return len(decoder_layers(model)) // 2
+
+
+# ---- stage 1 ------------------------------------------------------------------------------------------
+def collect(model, tok, probs: list[Problem], rd: RunDir, gc: GenConfig, cc: CollectConfig, meta: dict):
+    """Stage 1: traces with hidden states into ``cc.out`` (default ``<run>/traces``); resumes."""
+    from lrs.traces import collect_traces
+
+    if not probs:
+        raise LRSError("no problems to collect traces on (empty split or --limit 0)")
+    return collect_traces(
+        model,
+        tok,
+        probs,
+        Path(cc.out) if cc.out else rd.traces,
+        layers=cc.layers or [middle_layer(model)],
+        samples_per_problem=cc.samples_per_problem,
+        temperature=cc.temperature,
+        max_new_tokens=gc.max_new_tokens,
+        batch_size=gc.batch_size,
+        seed=gc.seed,
+        meta=meta,
+    )
+
+
+def describe_traces(ts) -> str:
+    """One line: how many traces, how many right, lengths by label, truncation."""
+    rec = ts.records
+    right = [r for r in rec if r["label"]]
+    wrong = [r for r in rec if not r["label"]]
+
+    def mean_len(rs):
+        return sum(r["length"] for r in rs) / len(rs) if rs else float("nan")
+
+    return (
+        f"{len(rec)} traces on {len({r['problem_id'] for r in rec})} problems: {len(right)} correct "
+        f"({len(right) / len(rec):.1%}); mean length {mean_len(right):.0f} (correct) vs {mean_len(wrong):.0f} "
+        f"(wrong); {sum(r['truncated'] for r in rec)} hit the token limit"
+    )
+
+
+# ---- stage 2 ------------------------------------------------------------------------------------------
+def traces_provenance(ts, layer: int) -> dict:
+    """What an artefact fitted on trace set ``ts`` at ``layer`` belongs to."""
+    return dict(
+        model=ts.config["model"],
+        model_fingerprint=ts.config.get("model_fingerprint"),
+        layer=layer,
+        task=ts.config.get("task"),
+        traces=str(ts.path),
+        data_fingerprint=ts.fingerprint(),
+    )
+
+
+def fit_encoder(ts, ec: EncoderConfig, seed: int = 0):
+    """Fit an encoder of ``ec.kind`` on a trace set's states; returns (encoder, metrics) with provenance set."""
+    from lrs import encoders
+
+    layer = ec.layer if ec.layer is not None else ts.layers[0]
+    states = ts.states(layer, max_states=ec.max_states, seed=seed)
+    if ec.kind == "topk":
+        enc, metrics = encoders.fit_topk_sae(states, n_latents=ec.latents, k=ec.topk, seed=seed, layer=layer)
+        enc.sparse = ec.sparse
+    elif ec.kind == "identity":
+        enc, metrics = encoders.fit_identity(states, layer=layer), {}
+    elif ec.kind == "pca":
+        enc, metrics = encoders.fit_pca(states, n_latents=ec.latents, layer=layer), {}
+    else:
+        raise LRSError(f"unknown encoder kind '{ec.kind}': use topk, identity or pca")
+    enc.rescale = ec.rescale
+    enc.provenance = traces_provenance(ts, layer)
+    return enc, metrics
+
+
+def reward_inputs(ts, enc) -> dict:
+    """Encode every trace's states: the reward trainer's inputs (latents, labels, groups, conf, prompt)."""
+    L = enc.layer
+    if L not in ts.layers:
+        raise LRSError(f"encoder layer {L} was not collected in {ts.path} (collected: {ts.layers})")
+    out: dict = dict(latents=[], labels=[], groups=[], conf=[], prompt=[])
+    with torch.no_grad():
+        for t in ts:
+            out["latents"].append(enc.encode(t.hidden[L]).float())
+            out["labels"].append(t.label)
+            out["groups"].append(t.problem_id)
+            out["conf"].append(t.conf.float())
+            out["prompt"].append(t.prompt[L].float())
+    return out
+
+
+def train_reward(ts, enc, rc: RewardTrainConfig, seed: int = 0, heldout=None):
+    """Train a reward model on ``ts`` through ``enc`` (report repeated on ``heldout``); returns (model, report)."""
+    from lrs.encoders import encoder_hash
+    from lrs.reward import RewardConfig, train_reward_model
+
+    cfg = RewardConfig(kind=rc.kind, seed=seed)
+    if rc.epochs is not None:
+        cfg.epochs = rc.epochs
+    x = reward_inputs(ts, enc)
+    h = reward_inputs(heldout, enc) if heldout is not None else None
+    rm, report = train_reward_model(
+        x["latents"], x["labels"], x["groups"], cfg=cfg, conf=x["conf"], prompt=x["prompt"], heldout=h
+    )
+    rm.provenance = traces_provenance(ts, enc.layer) | dict(
+        encoder_hash=encoder_hash(enc), encoder_kind=enc.kind, n_latents=enc.n_latents
+    )
+    return rm, report
+
+
+# ---- stage 3 ------------------------------------------------------------------------------------------
+def artefact_key(rd: RunDir, so: SteerOverrides) -> str:
+    """Key of the steering artefacts in use (encoder, reward model, traces): tune results are filed under it."""
+    from lrs.artifacts import read_sidecar
+    from lrs.encoders import FORMAT as ENC
+    from lrs.reward import FORMAT as RM
+
+    parts = {}
+    for name, path, fmt in (
+        ("encoder", Path(so.encoder) if so.encoder else rd.encoder, ENC),
+        ("reward", Path(so.reward) if so.reward else rd.reward, RM),
+    ):
+        parts[name] = (
+            read_sidecar(path, fmt, name.replace("reward", "reward model"))[1]["hash"]
+            if path.exists()
+            else None
+        )
+    mf = rd.traces / "manifest.json"
+    parts["traces"] = cache_key({"manifest": mf.read_text()}) if mf.exists() else None
+    return cache_key(parts)
+
+
+def steer_config(method: str, so: SteerOverrides, tuned: dict | None = None) -> SteerConfig:
+    """SteerConfig for a latent method: tuned settings (if any), overridden by explicit ones; gate from the registry."""
+    m = get_method(method)
+    names = {f.name for f in fields(SteerConfig)}
+    cfg = {k: v for k, v in (tuned or {}).get(method, {}).items() if k in names}
+    cfg.update(so.values())
+    cfg["gate"], cfg["control"] = m.gate, m.control
+    return SteerConfig(**cfg)
+
+
+def build_steerer(method: str, model, rd: RunDir, so: SteerOverrides, tuned: dict | None = None):
+    """The steerer a method needs, from the run directory's (or the given) artefacts; None for prompt methods.
+
+    Refuses with one line: missing artefacts, an encoder/reward pair that was not trained together, an
+    encoder fitted for another model, width or layer.
+    """
+    from lrs.encoders import load_encoder
+    from lrs.reward import load_reward_model
+    from lrs.steering import check_model
+
+    m = get_method(method)
+    if m.steerer is None:
+        return None
+    enc_path = Path(so.encoder) if so.encoder else rd.encoder
+    if m.steerer == "vector":
+        from lrs.traces import TraceSet
+
+        alpha = so.alpha if so.alpha is not None else (tuned or {}).get(method, {}).get("alpha", 1.0)
+        ts = TraceSet(rd.traces)
+        layer = load_encoder(enc_path).layer if enc_path.exists() else ts.layers[0]
+        return SteeringVectors.from_traces(ts, layer, alpha)
+    rm_path = Path(so.reward) if so.reward else rd.reward
+    for p, what in ((enc_path, "encoder"), (rm_path, "reward model")):
+        if not p.exists():
+            raise LRSError(
+                f"no {what} at {p}: run `lrs collect`, `lrs fit-encoder`, `lrs train-reward` first (or `lrs demo`)"
+            )
+    enc = load_encoder(enc_path)
+    check_model(enc, model)
+    rm = load_reward_model(rm_path)
+    return LatentRewardSteerer(enc, rm, steer_config(method, so, tuned), log_events=so.log_events)
+
+
+GRIDS = {
+    "tiny": dict(k=[2], alpha=[0.1, 0.5], tau_r=[0.5], tau_c=[0.72], diffmean=[2.0], base=False),
+    "small": dict(
+        k=[2], alpha=[0.1, 0.3, 1.0], tau_r=[0.5, 0.9], tau_c=[0.72], diffmean=[0.5, 1.0, 4.0], base=True
+    ),
+    "full": dict(
+        k=[1, 2, 4],
+        alpha=[0.05, 0.1, 0.3, 1.0],
+        tau_r=[0.3, 0.5, 0.7, 0.9],
+        tau_c=[0.5, 0.72, 0.9],
+        diffmean=[0.25, 0.5, 1.0, 2.0, 4.0],
+        base=True,
+    ),
+}
+
+
+def tune(model, tok, dev: list[Problem], rd: RunDir, grid: str, gc: GenConfig, so: SteerOverrides) -> dict:
+    """Grid over K, alpha, tau_r, tau_c (LRS) and alpha (diffmean) on DEV problems; best = highest dev accuracy.
+
+    Results are filed under the artefacts' key (``<run>/tune/<key>/``), and each grid point is reused only
+    when its cache key matches, so other encoders or budgets never reuse these results.
+    """
+    from lrs.evaluate import evaluate
+
+    if grid not in GRIDS:
+        raise LRSError(f"unknown grid '{grid}': use one of {', '.join(GRIDS)}")
+    g = GRIDS[grid]
+    key = artefact_key(rd, so)
+    out = rd.tune_dir(key)
+    runs = []
+
+    def run(name: str, steerer, params: dict, method: str) -> None:
+        res = evaluate(
+            model,
+            tok,
+            dev,
+            method=method,
+            steerer=steerer,
+            out_dir=out,
+            name=name,
+            max_new_tokens=gc.max_new_tokens,
+            batch_size=gc.batch_size,
+            seed=gc.seed,
+        )
+        s = res["summary"]
+        rate = s.get("steering", {}).get("steer_rate", 0.0)
+        runs.append(dict(name=name, method=method, params=params, accuracy=s["accuracy"], steer_rate=rate))
+        print(f"  dev {name}: {s['accuracy']:.1%}" + (" (cached)" if res.get("cached") else ""))
+
+    if g["base"]:
+        run("base", None, {}, "base")
+    plain = SteerOverrides(encoder=so.encoder, reward=so.reward)
+    for k, a, tr, tc in itertools.product(g["k"], g["alpha"], g["tau_r"], g["tau_c"]):
+        params = dict(k=k, alpha=a, tau_r=tr, tau_c=tc)
+        st = build_steerer("lrs", model, rd, SteerOverrides(**{**asdict(plain), **params}))
+        run(f"lrs-k{k}-a{a}-r{tr}-c{tc}", st, params, "lrs")
+    dm = build_steerer("diffmean", model, rd, plain)
+    for a in g["diffmean"]:
+        run(f"diffmean-a{a}", dm.scaled(a), dict(alpha=a), "diffmean")
+    best = {}
+    for method in ("lrs", "diffmean"):
+        cands = [r for r in runs if r["method"] == method]
+        best[method] = max(cands, key=lambda r: (r["accuracy"], -r["steer_rate"]))["params"]
+    best["lrs-basic"] = {k: v for k, v in best["lrs"].items() if k in METHODS["lrs-basic"].tuned}
+    best["random"] = dict(best["lrs"])
+    result = dict(
+        split="dev",
+        n=len(dev),
+        grid=grid,
+        artefact_key=key,
+        max_new_tokens=gc.max_new_tokens,
+        runs=runs,
+        best=best,
+    )
+    atomic_write_json(rd.tune_file(key), result)
+    return result
+
+
+def run_eval(
+    model, tok, tc: TaskConfig, gc: GenConfig, ev: EvalConfig, so: SteerOverrides, rd: RunDir
+) -> dict:
+    """Evaluate ``ev.method`` on ``tc``'s split; returns the result (reused when its cache key matches)."""
+    from lrs.evaluate import evaluate
+
+    m = get_method(ev.method)
+    probs = problems(tc)
+    tuned = rd.load_tuned(artefact_key(rd, so)) if so.tuned and m.steerer else None
+    steerer = build_steerer(ev.method, model, rd, so, tuned)
+    pool = None
+    if m.prompt_style == "fewshot":
+        pool = problems(tc, split="train", limit=200) if tc.split != "all" else None
+        if not pool:
+            raise LRSError(
+                "few-shot prompting needs the task's train split; this task has none (use --split test)"
+            )
+    out = Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split)
+    return evaluate(
+        model,
+        tok,
+        probs,
+        method=ev.method,
+        steerer=steerer,
+        out_dir=out,
+        reuse=not ev.force,
+        max_new_tokens=gc.max_new_tokens,
+        batch_size=gc.batch_size,
+        seed=gc.seed,
+        shots=ev.shots,
+        fewshot_pool=pool,
+        extra=dict(task=tc.task, split=tc.split, limit=tc.limit, split_seed=tc.split_seed),
+    )
+
+
+def timed(fn):
+    """(result, seconds) of ``fn()``."""
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
