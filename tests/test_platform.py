@@ -1,0 +1,213 @@
+"""Platform guarantees: artefacts that know what they belong to, caches keyed by what produced them, the
+user's own data as a test set, explicit devices, and a package without import cycles."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+import lrs.traces
+from lrs.cli import main
+from lrs.encoders import TopKSAE
+from lrs.errors import LRSError
+from lrs.grading import Grade
+from lrs.reward import RewardConfig, RewardModel
+from lrs.steering import LatentRewardSteerer, check_model, check_pair
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run trained on arith with a tiny model: traces, identity encoder, reward model."""
+    root = tmp_path_factory.mktemp("platform")
+    model_dir = root / "tiny"
+    make_model("qwen2", hidden=32).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(
+        lrs.traces,
+        "grade",
+        lambda outs, golds: [Grade("1", i % 2 == 0, "numeric", False) for i in range(len(outs))],
+    )
+    common = ["--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--run", str(root / "run")]
+    assert main(["collect", *common, "--limit", "24", "--max-new-tokens", "40", "--layers", "1"]) == 0
+    assert main(["fit-encoder", *common, "--kind", "identity"]) == 0
+    assert main(["train-reward", *common, "--epochs", "1"]) == 0
+    mp.undo()
+    return dict(root=root, common=common, run=root / "run", model=str(model_dir))
+
+
+def _err(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+LRS_FLAGS = ["--method", "lrs", "--max-new-tokens", "40", "--tau-r", "1.0", "--warmup", "1", "--every", "1"]
+
+
+def test_eval_a_three_line_jsonl_file_with_a_run_trained_on_arith(run, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    rows = [
+        {"question": "What is 2 + 2?", "answer": "4"},
+        {"problem": "What is 3 * 3?", "target": "9"},
+        {"input": "What is 10 - 7?", "final_answer": "3"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["eval", *run["common"], "--task", f"jsonl:{data}", "--split", "all", *LRS_FLAGS]
+    assert main(argv) == 0
+    out = run["run"] / "eval" / "jsonl-mine" / "all"
+    summary = json.loads((out / "lrs.summary.json").read_text())
+    assert summary["n"] == 3 and summary["device"] == "cpu" and summary["split"] == "all"
+    assert summary["steering"]["generated_steps"] > 0 and summary["steering"]["steered_tokens"] > 0
+    ids = [json.loads(x)["id"] for x in (out / "lrs.jsonl").read_text().splitlines()]
+    assert ids == ["mine/0", "mine/1", "mine/2"]
+    assert "lrs: accuracy" in capsys.readouterr().out
+
+
+def test_a_changed_encoder_never_reuses_a_cached_eval_or_tune_result(run, tmp_path, capsys, monkeypatch):
+    common = [*run["common"][:-1], str(tmp_path / "run2")]
+    # a private copy of the run so refitting does not disturb the other tests
+    import shutil
+
+    shutil.copytree(run["run"], tmp_path / "run2")
+    ev = ["eval", *common, "--task", "arith", "--split", "test", "--limit", "2", *LRS_FLAGS]
+    assert main(ev) == 0
+    first = json.loads((tmp_path / "run2" / "eval" / "arith" / "test" / "lrs.summary.json").read_text())
+    assert main(ev) == 0
+    assert "(cached" in capsys.readouterr().out  # same artefacts: reused
+    tune = ["tune", *common, "--task", "arith", "--limit", "2", "--max-new-tokens", "12", "--grid", "tiny"]
+    assert main(tune) == 0
+    assert "(cached)" not in capsys.readouterr().out
+    assert main(tune) == 0
+    assert "dev lrs-k2-a0.1-r0.5-c0.72: 0.0% (cached)" in capsys.readouterr().out  # same artefacts: reused
+    # refit the encoder (another kind, same width) and retrain the reward model on it
+    monkeypatch.setattr(
+        lrs.traces,
+        "grade",
+        lambda outs, golds: [Grade("1", i % 2 == 0, "numeric", False) for i in range(len(outs))],
+    )
+    assert main(["fit-encoder", *common, "--kind", "pca", "--latents", "8"]) == 0
+    # the old reward model no longer matches the new encoder: refused before any generation
+    assert main(ev) == 2
+    assert "reward model reads 32 latents but the encoder has 8" in _err(capsys)
+    assert main(["train-reward", *common, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(ev) == 0
+    assert "(cached" not in capsys.readouterr().out
+    second = json.loads((tmp_path / "run2" / "eval" / "arith" / "test" / "lrs.summary.json").read_text())
+    assert second["cache_key"] != first["cache_key"]
+    assert second["key_parts"]["steerer"]["encoder"] != first["key_parts"]["steerer"]["encoder"]
+    assert main(tune) == 0
+    assert "(cached)" not in capsys.readouterr().out  # the new artefacts get their own tune results
+    assert len(list((tmp_path / "run2" / "tune").glob("*/tune.json"))) == 2
+    assert main([*ev, "--tuned"]) == 0
+
+
+def test_tuned_without_a_tune_for_these_artefacts_is_one_line(run, tmp_path, capsys):
+    argv = [
+        "eval",
+        *run["common"][:-1],
+        str(tmp_path / "empty-run"),
+        "--method",
+        "lrs",
+        "--tuned",
+        "--limit",
+        "1",
+    ]
+    import shutil
+
+    shutil.copytree(run["run"], tmp_path / "empty-run", ignore=shutil.ignore_patterns("tune"))
+    assert main(argv) == 2
+    assert "no tuning result for these artefacts" in _err(capsys)
+
+
+def test_device_cuda_without_cuda_is_one_line_and_exit_2(run, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["eval", "--model", run["model"], "--device", "cuda", "--limit", "1", "--task", "arith"]
+    assert main(argv) == 2
+    line = _err(capsys)
+    assert line.startswith("lrs: error: --device cuda") and "no CUDA" in line
+    assert main(["doctor", "--device", "cuda"]) == 2
+    assert main(["doctor", "--device", "cpu", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers" in out and "device        cpu" in out and "float32" in out
+
+
+def _tiny_pair(n=8, layer=1, d=32):
+    enc = TopKSAE(d, n_latents=n, k=3, layer=layer)
+    rm = RewardModel(n, RewardConfig(d_model=16, n_layers=1, n_heads=2, window=16, dropout=0.0))
+    return enc, rm
+
+
+def test_mismatched_artefacts_are_refused_with_one_line_each():
+    from lrs.encoders import encoder_hash
+
+    enc, rm = _tiny_pair()
+    rm.provenance = dict(encoder_hash=encoder_hash(enc), layer=1)
+    check_pair(enc, rm)  # the matching pair passes
+    other, _ = _tiny_pair()
+    with torch.no_grad():
+        other.W_enc.add_(1.0)
+    cases = [
+        (lambda: check_pair(other, rm), "trained on another encoder"),
+        (lambda: check_pair(_tiny_pair(n=4)[0], rm), "reads 8 latents but the encoder has 4"),
+        (lambda: check_pair(_tiny_pair(layer=0)[0], RewardModel(8)), None),  # no provenance: width only
+    ]
+    rm_layer = RewardModel(8)
+    rm_layer.provenance = dict(layer=0)
+    cases.append((lambda: check_pair(enc, rm_layer), "trained at layer 0 but the encoder reads layer 1"))
+    model = make_model("qwen2", hidden=32)
+    cases.append((lambda: check_model(_tiny_pair(d=64)[0], model), "encoder width 64 does not match"))
+    cases.append((lambda: check_model(_tiny_pair(layer=5)[0], model), "reads layer 5 but the model has 2"))
+    foreign = _tiny_pair()[0]
+    foreign.provenance = dict(model_fingerprint="0123456789abcdef")
+    cases.append((lambda: check_model(foreign, model), "fitted on another model"))
+    for fn, message in cases:
+        if message is None:
+            fn()
+            continue
+        with pytest.raises(LRSError, match=message) as e:
+            fn()
+        assert "\n" not in str(e.value)
+    with pytest.raises(LRSError, match="trained on another encoder"):
+        LatentRewardSteerer(other, rm)
+
+
+def test_no_import_cycles_in_the_package():
+    """Every import between lrs modules (module-level and inside functions) forms a DAG."""
+    root = Path(__file__).resolve().parents[1] / "src" / "lrs"
+    mods = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        mods[name] = path
+    graph = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lrs"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("lrs")]
+            for t in targets:
+                if t in mods and t != name and not name.startswith(t + "."):
+                    graph[name].add(t)
+    for pkg in [m for m in mods if mods[m].name == "__init__.py"]:
+        graph[pkg] = {t for t in graph[pkg] if not t.startswith(pkg + ".")}  # re-exports of own submodules
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for t in graph[m]:
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack, m, t]))
+            if t not in state:
+                visit(t, [*stack, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
