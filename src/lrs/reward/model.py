@@ -1,0 +1,259 @@
+"""Latent reward models (causal / mlp / bidirectional), saving and loading, and scoring traces."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrs.artifacts import load_artifact, save_artifact, tensor_hash
+from lrs.errors import LRSError
+from lrs.stats import auroc
+
+FORMAT = "lrs.reward/1"
+KINDS = ("causal", "mlp", "bidirectional")
+POSITIONS = (16, 32, 64, 128, 256)  # absolute token counts at which quality is reported
+PROBE_C = 0.1  # inverse L2 strength of the prompt / prompt+confidence logistic-regression baselines
+BASELINES = {"confidence": "confidence", "prompt": "prompt-only", "prompt_conf": "prompt+conf"}
+
+
+@dataclass
+class RewardConfig:
+    """Architecture and training settings of a latent reward model."""
+
+    kind: str = "causal"
+    """causal (sliding-window Transformer, scores z_<=t) | mlp (per token) | bidirectional (reference training)"""
+    d_model: int = 64
+    """hidden width"""
+    n_layers: int = 2
+    """Transformer layers (causal and bidirectional kinds)"""
+    n_heads: int = 4
+    """attention heads"""
+    window: int = 128
+    """causal: the logit at t sees only the last `window` latents (each of the n_layers attention layers looks
+    back (window-1)//n_layers positions, so the stacked receptive field fits the window); keep the steering
+    history at least this long and decode-time scores equal training-time scores"""
+    dropout: float = 0.1
+    """dropout inside the model during training"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    epochs: int = 40
+    """maximum training epochs"""
+    patience: int = 6
+    """stop after this many epochs without a better validation score"""
+    batch_size: int = 16
+    """traces per optimisation step"""
+    val_frac: float = 0.2
+    """fraction of problems (not traces) held out for early stopping and the report"""
+    seed: int = 0
+    """seeds the split, the initialisation, dropout and batch order"""
+    max_len: int = 1024
+    """traces longer than this are truncated to their first max_len tokens"""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LRSError(f"unknown reward model kind '{self.kind}': use one of {', '.join(KINDS)}")
+        if self.d_model < 1 or self.d_model % self.n_heads:
+            raise LRSError(
+                f"reward model d_model={self.d_model} must be positive and divisible by n_heads={self.n_heads}"
+            )
+        if self.window < 1 or self.max_len < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise LRSError("reward model window, max_len, epochs and batch_size must all be >= 1")
+        if not 0 < self.val_frac < 1:
+            raise LRSError(f"val_frac must be between 0 and 1 (got {self.val_frac})")
+
+
+class RewardModel(nn.Module):
+    """Latents [B,T,n] -> per-position reward logits [B,T]; standardises its inputs with stored train statistics."""
+
+    def __init__(self, n_latents: int, cfg: RewardConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or RewardConfig()
+        self.n_latents = n_latents
+        self.register_buffer("z_mean", torch.zeros(n_latents))
+        self.register_buffer("z_std", torch.ones(n_latents))
+        self.inp = nn.Linear(n_latents, cfg.d_model)
+        self.pos = nn.Linear(1, cfg.d_model)  # feature of the absolute token index, known at decode time
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.kind != "mlp":
+            layer = nn.TransformerEncoderLayer(
+                cfg.d_model,
+                cfg.n_heads,
+                4 * cfg.d_model,
+                cfg.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.body = nn.TransformerEncoder(
+                layer, cfg.n_layers, norm=nn.LayerNorm(cfg.d_model), enable_nested_tensor=False
+            )
+        self.head = nn.Linear(cfg.d_model, 1)
+
+    @torch.no_grad()
+    def set_standardisation(self, z: torch.Tensor) -> None:
+        """Store per-latent mean/std of the training latents [N, n] (encoders differ wildly in scale)."""
+        z = z.float()
+        self.z_mean.copy_(z.mean(0))
+        std = z.std(0) if len(z) > 1 else torch.ones_like(self.z_std)
+        self.z_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    @property
+    def layer_window(self) -> int:
+        """Look-back of each attention layer: stacked, the n_layers layers see at most ``window`` latents."""
+        return (self.cfg.window - 1) // self.cfg.n_layers + 1
+
+    def _mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B*heads, T, T] bool, True = blocked: padding keys, plus (causal) keys outside the sliding window."""
+        B, T = valid.shape
+        allowed = valid[:, None, :].expand(B, T, T)
+        if self.cfg.kind == "causal":
+            i = torch.arange(T, device=valid.device)
+            d = i[:, None] - i[None, :]
+            allowed = allowed & ((d >= 0) & (d < self.layer_window))
+        # every query may see itself, so padding queries never have an all-blocked row (no NaN)
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=valid.device)
+        return (~allowed).repeat_interleave(self.cfg.n_heads, dim=0)
+
+    def forward(
+        self, z: torch.Tensor, valid: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B,T]; ``positions`` are absolute token indices (default: index among the valid tokens)."""
+        if valid is None:
+            valid = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+        if positions is None:
+            positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+        x = (z.to(self.z_mean.dtype) - self.z_mean) / self.z_std
+        x = torch.where(valid[..., None], x, torch.zeros_like(x))
+        f = torch.log1p(positions.to(x.dtype).clamp_min(0)) / math.log1p(self.cfg.max_len)
+        x = self.inp(x) + self.pos(f[..., None])
+        if self.cfg.kind == "mlp":
+            x = self.drop(F.gelu(x))
+        else:
+            x = self.body(x, mask=self._mask(valid))
+        return self.head(x).squeeze(-1)
+
+    def score_last(self, z_hist: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logit [B] at the last valid position of each LEFT-padded history [B,W,n]; differentiable in z_hist."""
+        if self.cfg.kind == "causal" and z_hist.shape[1] > self.cfg.window and bool(valid[:, -1].all()):
+            w = self.cfg.window  # older columns cannot reach the last one through the sliding window
+            z_hist, valid, positions = z_hist[:, -w:], valid[:, -w:], positions[:, -w:]
+        logits = self.forward(z_hist, valid, positions)
+        cols = torch.arange(valid.shape[1], device=valid.device)
+        last = torch.where(valid, cols, torch.zeros_like(cols)).amax(1)
+        return logits.gather(1, last[:, None]).squeeze(1)
+
+    def config(self) -> dict:
+        """Everything needed to rebuild the module (saved in the JSON sidecar)."""
+        return dict(n_latents=self.n_latents, **asdict(self.cfg))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights and standardisation buffers, CPU and contiguous (saved as safetensors)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+
+# ---- saving and loading --------------------------------------------------------------------------------
+def save_reward_model(
+    rm: RewardModel, path: str | Path, provenance: dict | None = None, metrics: dict | None = None
+) -> Path:
+    """Write ``path`` (safetensors) and its ``.json`` sidecar (config, hash, metrics, provenance), atomically."""
+    return save_artifact(
+        path, rm.tensors(), format=FORMAT, config=rm.config(), provenance=provenance, metrics=metrics
+    )
+
+
+def reward_hash(rm: RewardModel) -> str:
+    """sha256 over the reward model's tensors (what cache keys and provenance record)."""
+    return tensor_hash(rm.tensors())
+
+
+def load_reward_model(path: str | Path) -> RewardModel:
+    """Load a reward model written by :func:`save_reward_model` (tensor file or sidecar), hash-checked, in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise LRSError(f"no reward model file at {path}: train one with `lrs train-reward`")
+    tensors, meta = load_artifact(path, format=FORMAT, what="reward model")
+    c = meta["config"]
+    try:
+        cfg = RewardConfig(**{f.name: c[f.name] for f in fields(RewardConfig) if f.name in c})
+        rm = RewardModel(int(c["n_latents"]), cfg)
+        rm.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, LRSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LRSError(f"{path}: tensors do not match the reward model config ({first})") from None
+    rm.metrics, rm.provenance = meta.get("metrics", {}), meta.get("provenance", {})
+    return rm.eval()
+
+
+# ---- data helpers ----------------------------------------------------------------------------------------
+def _pad(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad traces [T_i, n] into z [B,T,n] and valid [B,T]."""
+    T = max(len(x) for x in xs)
+    z = torch.zeros(len(xs), T, xs[0].shape[1])
+    valid = torch.zeros(len(xs), T, dtype=torch.bool)
+    for i, x in enumerate(xs):
+        z[i, : len(x)], valid[i, : len(x)] = x, True
+    return z, valid
+
+
+@torch.no_grad()
+def score_traces(rm: RewardModel, latents: list[torch.Tensor], batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-position logits [T_i] of each trace from one pass over the (max_len-truncated) trace.
+
+    For ``causal`` and ``mlp`` the logit at t uses only z_<=t; for ``bidirectional`` it also sees the future.
+    """
+    was = rm.training
+    rm.eval()
+    xs = [z[: rm.cfg.max_len].float() for z in latents]
+    order = sorted(range(len(xs)), key=lambda i: len(xs[i]))  # similar lengths share a batch: less padding
+    out: list[torch.Tensor] = [torch.empty(0)] * len(xs)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        z, valid = _pad([xs[i] for i in idx])
+        logits = rm(z, valid)
+        for j, i in enumerate(idx):
+            out[i] = logits[j, : len(xs[i])]
+    rm.train(was)
+    return out
+
+
+def _keys() -> list[str]:
+    return [str(t) for t in POSITIONS] + ["end"]
+
+
+def _prefix_scores(rm: RewardModel, latents: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Reward logit after t tokens (seeing only z_<=t) per trace and position key; nan where T_i <= t."""
+    lens = np.array([min(len(z), rm.cfg.max_len) for z in latents])
+    full = score_traces(rm, latents)
+    out = {}
+    for t in POSITIONS:
+        v = np.full(len(latents), np.nan)
+        idx = np.flatnonzero(lens > t)
+        if len(idx) and rm.cfg.kind == "bidirectional":  # score on the prefix only: no peeking at the future
+            pref = score_traces(rm, [latents[i][:t] for i in idx])
+            v[idx] = [float(s[-1]) for s in pref]
+        elif len(idx):
+            v[idx] = [float(full[i][t - 1]) for i in idx]
+        out[str(t)] = v
+    out["end"] = np.array([float(s[-1]) for s in full])
+    return out
+
+
+def _val_score(aucs: dict[str, float]) -> float:
+    vals = [a for a in aucs.values() if not math.isnan(a)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _aucs_at(scores: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
+    out = {}
+    for k, s in scores.items():
+        m = ~np.isnan(s)
+        out[k] = auroc(s[m], y[m])
+    return out
