@@ -89,12 +89,12 @@ KILLED_RUN = textwrap.dedent(
     from conftest import make_model, make_tokenizer
     from test_traces import PROBLEMS
     import lrs.traces as tr
-    real = tr._atomic_json
+    real = tr.atomic_write_json
     def slow(path, obj):
         real(path, obj)
         print("batch", len(obj["batches"]), flush=True)
         time.sleep(0.5)
-    tr._atomic_json = slow
+    tr.atomic_write_json = slow
     tr.collect_traces(make_model("qwen2"), make_tokenizer(), PROBLEMS, {out!r}, layers=[0, 1], max_new_tokens=6,
                       batch_size=3, progress=False, samples_per_problem=2, temperature=1.0, seed=3)
     """
@@ -163,3 +163,39 @@ def test_collection_does_not_change_generation(tmp_path):
     )
     by_id = {t.problem_id: t.tokens.tolist() for t in ts}
     assert [by_id[p.id] for p in PROBLEMS[:4]] == [g.token_ids for g in plain]
+
+
+def test_changed_shard_is_refused_and_concurrent_collect_is_locked(tmp_path):
+    out = tmp_path / "t"
+    ts = collect_traces(
+        make_model("qwen2"),
+        make_tokenizer(),
+        PROBLEMS[:3],
+        out,
+        layers=[1],
+        max_new_tokens=4,
+        batch_size=3,
+        progress=False,
+    )
+    assert len(list(ts)) == 3
+    import fcntl
+
+    with open(out / ".lock", "w") as f:  # another process holds the directory
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LRSError, match="another `lrs collect` is writing to"):
+            collect_traces(
+                make_model("qwen2"),
+                make_tokenizer(),
+                PROBLEMS[:3],
+                out,
+                layers=[1],
+                max_new_tokens=4,
+                batch_size=3,
+                progress=False,
+            )
+    shard = out / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(LRSError, match="does not match its sha256"):
+        list(TraceSet(out))

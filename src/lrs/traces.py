@@ -11,17 +11,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
 from tqdm.auto import tqdm
 
 from lrs import __version__
+from lrs.artifacts import atomic_save_tensors, atomic_write_json
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, generate, layer_output
 from lrs.grading import grade
@@ -50,16 +50,22 @@ class Trace:
         return int(self.tokens.shape[0])
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` so two collections never write one directory at once."""
+    import fcntl
 
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    f = open(out / ".lock", "w")  # noqa: SIM115 - held for the duration of the block
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LRSError(
+                f"another `lrs collect` is writing to {out}; wait for it or use another --out"
+            ) from None
+        yield
+    finally:
+        f.close()
 
 
 class TraceSet:
@@ -105,10 +111,16 @@ class TraceSet:
 
     def __iter__(self) -> Iterator[Trace]:
         for b in self.manifest["batches"]:
+            shard = self.path / b["shard"]
             try:
-                data = load_file(str(self.path / b["shard"]))
+                raw = shard.read_bytes()
+                if hashlib.sha256(raw).hexdigest() != b["sha256"]:
+                    raise LRSError(
+                        f"shard {shard} does not match its sha256 in the manifest: changed or corrupted"
+                    )
+                data = safetensors_load(raw)
             except (SafetensorError, OSError) as e:
-                raise LRSError(f"cannot read shard {self.path / b['shard']}: {e}") from None
+                raise LRSError(f"cannot read shard {shard}: {e}") from None
             for r in b["traces"]:
                 i = r["index"]
                 yield Trace(
@@ -193,93 +205,94 @@ def collect_traces(
     layers = sorted({resolve_layer(model, L) for L in layers})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(p, s) for p in problems for s in range(samples_per_problem)]
-    prompts = build_prompts(tokenizer, [p for p, _ in jobs], style=prompt_style)
-    order = sorted(range(len(jobs)), key=lambda i: (len(prompts[i]), i))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    config = dict(
-        model=model_name(model),
-        model_fingerprint=model_fingerprint(model),
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        layers=layers,
-        problems=[p.id for p in problems],
-        samples_per_problem=samples_per_problem,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        prompt_style=prompt_style,
-        **(meta or {}),
-    )
-    manifest = {"config": config, "n_batches": len(batches), "batches": [], "lrs_version": __version__}
-    mf = out / MANIFEST
-    if mf.exists():
-        old = json.loads(mf.read_text())
-        if old["config"] != config:
-            diff = sorted(
-                k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k)
-            )
-            raise LRSError(
-                f"{out} holds a collection with different settings ({', '.join(diff)}); use a new --out"
-            )
-        manifest = old
-    done = {b["batch"] for b in manifest["batches"]}
-    bar = tqdm(total=len(jobs), desc="collect", unit="trace", disable=not progress, dynamic_ncols=True)
-    bar.update(sum(len(batches[b]) for b in done))
-    for b, idx in enumerate(batches):
-        if b in done:
-            continue
-        rec: dict = {}
-
-        def ctx(_b, _idx, tracker, rec=rec):
-            rec["r"] = _Recorder(model, layers, tracker)
-            return rec["r"].attach()
-
-        gens = generate(
-            model,
-            tokenizer,
-            [prompts[i] for i in idx],
-            max_new_tokens=max_new_tokens,
-            batch_size=len(idx),
+    with _exclusive(out):
+        jobs = [(p, s) for p in problems for s in range(samples_per_problem)]
+        prompts = build_prompts(tokenizer, [p for p, _ in jobs], style=prompt_style)
+        order = sorted(range(len(jobs)), key=lambda i: (len(prompts[i]), i))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        config = dict(
+            model=model_name(model),
+            model_fingerprint=model_fingerprint(model),
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+            layers=layers,
+            problems=[p.id for p in problems],
+            samples_per_problem=samples_per_problem,
             temperature=temperature,
-            seed=seed * 1_000_003 + b,
-            context=ctx,
-            progress=False,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            prompt_style=prompt_style,
+            **(meta or {}),
         )
-        grades = grade([g.text for g in gens], [jobs[i][0].answer for i in idx])
-        r: _Recorder = rec["r"]
-        tensors, records = {}, []
-        for row, (i, g, gr) in enumerate(zip(idx, gens, grades, strict=True)):
-            p, s = jobs[i]
-            T = g.n_tokens
-            for L in layers:
-                tensors[f"h.{L}.{i}"] = torch.stack([st[row] for st in r.steps[L][:T]])
-                tensors[f"p.{L}.{i}"] = r.prompt[L][row]
-            tensors[f"tok.{i}"] = torch.tensor(g.token_ids, dtype=torch.int32)
-            tensors[f"conf.{i}"] = torch.tensor(g.conf, dtype=torch.float32)
-            records.append(
-                dict(
-                    index=i,
-                    id=f"{p.id}#{s}",
-                    problem_id=p.id,
-                    sample=s,
-                    label=int(gr.correct),
-                    length=T,
-                    truncated=not g.finished,
-                    answer=gr.pred,
-                    gold=p.answer,
-                    text=g.text,
+        manifest = {"config": config, "n_batches": len(batches), "batches": [], "lrs_version": __version__}
+        mf = out / MANIFEST
+        if mf.exists():
+            old = json.loads(mf.read_text())
+            if old["config"] != config:
+                diff = sorted(
+                    k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k)
                 )
+                raise LRSError(
+                    f"{out} holds a collection with different settings ({', '.join(diff)}); use a new --out"
+                )
+            manifest = old
+        done = {b["batch"] for b in manifest["batches"]}
+        bar = tqdm(total=len(jobs), desc="collect", unit="trace", disable=not progress, dynamic_ncols=True)
+        bar.update(sum(len(batches[b]) for b in done))
+        for b, idx in enumerate(batches):
+            if b in done:
+                continue
+            rec: dict = {}
+
+            def ctx(_b, _idx, tracker, rec=rec):
+                rec["r"] = _Recorder(model, layers, tracker)
+                return rec["r"].attach()
+
+            gens = generate(
+                model,
+                tokenizer,
+                [prompts[i] for i in idx],
+                max_new_tokens=max_new_tokens,
+                batch_size=len(idx),
+                temperature=temperature,
+                seed=seed * 1_000_003 + b,
+                context=ctx,
+                progress=False,
             )
-        shard = f"shard-{b:05d}.safetensors"
-        _atomic_safetensors(out / shard, tensors)
-        digest = hashlib.sha256((out / shard).read_bytes()).hexdigest()
-        manifest["batches"].append(dict(batch=b, shard=shard, sha256=digest, traces=records))
-        manifest["batches"].sort(key=lambda x: x["batch"])
-        _atomic_json(mf, manifest)
-        bar.update(len(idx))
-        n = sum(len(x["traces"]) for x in manifest["batches"])
-        acc = sum(t["label"] for x in manifest["batches"] for t in x["traces"]) / max(n, 1)
-        bar.set_postfix(acc=f"{acc:.2f}")
-    bar.close()
+            grades = grade([g.text for g in gens], [jobs[i][0].answer for i in idx])
+            r: _Recorder = rec["r"]
+            tensors, records = {}, []
+            for row, (i, g, gr) in enumerate(zip(idx, gens, grades, strict=True)):
+                p, s = jobs[i]
+                T = g.n_tokens
+                for L in layers:
+                    tensors[f"h.{L}.{i}"] = torch.stack([st[row] for st in r.steps[L][:T]])
+                    tensors[f"p.{L}.{i}"] = r.prompt[L][row]
+                tensors[f"tok.{i}"] = torch.tensor(g.token_ids, dtype=torch.int32)
+                tensors[f"conf.{i}"] = torch.tensor(g.conf, dtype=torch.float32)
+                records.append(
+                    dict(
+                        index=i,
+                        id=f"{p.id}#{s}",
+                        problem_id=p.id,
+                        sample=s,
+                        label=int(gr.correct),
+                        length=T,
+                        truncated=not g.finished,
+                        answer=gr.pred,
+                        gold=p.answer,
+                        text=g.text,
+                    )
+                )
+            shard = f"shard-{b:05d}.safetensors"
+            atomic_save_tensors(out / shard, tensors)
+            digest = hashlib.sha256((out / shard).read_bytes()).hexdigest()
+            manifest["batches"].append(dict(batch=b, shard=shard, sha256=digest, traces=records))
+            manifest["batches"].sort(key=lambda x: x["batch"])
+            atomic_write_json(mf, manifest)
+            bar.update(len(idx))
+            n = sum(len(x["traces"]) for x in manifest["batches"])
+            acc = sum(t["label"] for x in manifest["batches"] for t in x["traces"]) / max(n, 1)
+            bar.set_postfix(acc=f"{acc:.2f}")
+        bar.close()
     return TraceSet(out)
