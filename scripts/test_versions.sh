@@ -25,7 +25,7 @@ for v in "${variants[@]}"; do
   esac
   vers=$("$venv/bin/python" -c "import torch, transformers, tokenizers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, tokenizers {tokenizers.__version__}')")
   log="$venv/pytest.log"
-  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$venv/bin/python" -m pytest tests -q -p no:cacheprovider > "$log" 2>&1
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$venv/bin/python" -m pytest tests -p no:cacheprovider > "$log" 2>&1
   rc=$?
   [ $rc -ne 0 ] && status=1
   summary+=("$v: $vers -> $(tail -n 1 "$log") (exit $rc)")

@@ -38,6 +38,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=["<|im_start|>"],
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
+        model_input_names=[
+            "input_ids",
+            "attention_mask",
+        ],  # no token_type_ids: generate() in 4.x refuses them
     )
     return tok
 

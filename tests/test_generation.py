@@ -103,7 +103,8 @@ def test_past_length_reads_the_real_cache_of_the_installed_transformers():
     model = make_model("qwen2")
     with torch.no_grad():
         out = model(torch.ones(2, 7, dtype=torch.long), use_cache=True)
-    cache = next(v for v in out.values() if hasattr(v, "get_seq_length"))  # `cache` or `past_key_values`
+    # `cache` (5.24+), `past_key_values` (earlier); a legacy tuple in 4.x when no cache object was passed
+    cache = out.get("cache", None) or out.get("past_key_values")
     ids = torch.ones(2, 1, dtype=torch.long)
     for name in ("cache", "past_key_values", "kv_state_v9"):
         assert past_length(ids, {name: cache, "attention_mask": torch.ones(2, 8)}) == 7
