@@ -1,9 +1,18 @@
 """Answer extraction and grading on literal strings (no model): math-verify gold-first, numeric fallback,
 a checker that hangs must time out without hanging the caller, and what runs in the caller takes linear time."""
 
+import contextlib
+import gc
+import math
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +218,234 @@ def test_normal_answers_extract_the_same_and_long_outputs_keep_their_ending():
     assert len(long) > MAX_SCAN_CHARS and extract_answer(long) == "17"
     # only the tail is read: an answer buried more than MAX_SCAN_CHARS before the end is not found
     assert extract_answer(r"\boxed{3}" + " filler" * (MAX_SCAN_CHARS // 7 + 1)) is None
+
+
+# ---------------------------------------------------------------- missing gold answers
+
+
+@pytest.mark.parametrize("gold", [None, "None", "", "  ", " None\n"])
+def test_missing_gold_raises_naming_the_index(gold):
+    with pytest.raises(LRSError, match=r"output 1 has no gold answer") as e:
+        grade([r"\boxed{1}", r"\boxed{None}", r"\boxed{2}"], ["1", gold, "2"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(LRSError, match=r"output 0 has no gold answer"):
+        grade_one(r"\boxed{None}", gold)
+
+
+def test_missing_gold_in_batch_counts_the_others():
+    with pytest.raises(LRSError, match=r"output 0 \(and 1 more\) has no gold answer"):
+        grade([r"\boxed{None}", "x", r"\boxed{}"], [None, "1", ""])
+    assert grade_one(r"\boxed{0}", 0).correct  # a falsy but real gold is fine
+
+
+# ---------------------------------------------------------------- seeded fuzz: parsing in the caller stays fast
+
+_WORDS = (
+    "the so she has apples total number of each friend gets which is therefore then we find let compute step "
+    "answer final value sum x y n dollars cm sq. ft o'clock km/h"
+).split()
+_UNITS = ["dollars", "cm", "sq. ft", r"\text{ dollars}", r"\%", "%", "kg", "m^2", r"\mbox{ units}", "o'clock"]
+_PHRASES = [
+    "The answer is",
+    "the final answer is:",
+    "ANSWER IS",
+    "####",
+    "\n#### ",
+    "is the number of ",
+    "So the answer is the number of ",
+    "Therefore, ",
+    "answer is\n\n",
+]
+_LATEX = [
+    "\\boxed{",
+    "\\fbox{",
+    "\\boxed {",
+    r"\frac{a}{b}",
+    r"\frac{1}{2}",
+    "{",
+    "}",
+    "{{",
+    "}}",
+    "^",
+    "_",
+    r"\sqrt{2}",
+    r"\sqrt",
+    "$",
+    "$x$",
+    r"\(",
+    r"\)",
+    r"\left(",
+    r"\right)",
+    "\\text{",
+    "\\mathrm{",
+    "{,}",
+    r"\!",
+    r"\,",
+    r"\$",
+    "^{9^{9}}",
+    r"\cdot",
+    r"\pi",
+    r"\boxed{\frac{3}{\sqrt{2}}}",
+    "x_{n+1}",
+]
+_SPACE = [" ", "  ", "\n", "\n\n", "\t", " " * 40, "\n" * 30, "\r\n", "\u00a0"]
+_PUNCT = [*".,;:!?*()[]-+=/'\"", "...", "**", "**."]
+
+
+def _fuzz_number(rng: random.Random) -> str:
+    k = rng.randrange(6)
+    if k == 0:
+        return str(rng.randint(0, 10 ** rng.randint(1, 12)))
+    if k == 1:
+        return f"{rng.uniform(-1e4, 1e4):.{rng.randint(1, 6)}f}"
+    if k == 2:
+        return f"{rng.randint(1, 99)}/{rng.randint(1, 99)}"
+    if k == 3:
+        return f"-{rng.randint(0, 10**6)}"
+    if k == 4:
+        return f"{rng.randint(1, 10**9):,}"
+    return rng.choice(["0", "1,2,3", "1e5", ".5", "007", "1,0000", "3.", "-0.0", "1{,}234"])
+
+
+def _fuzz_piece(rng: random.Random, max_run: int) -> str:
+    k = rng.random()
+    if k < 0.25:
+        return rng.choice(_WORDS) + " "
+    if k < 0.40:
+        return _fuzz_number(rng)
+    if k < 0.47:
+        return " " + rng.choice(_UNITS)
+    if k < 0.65:
+        return rng.choice(_LATEX)
+    if k < 0.72:
+        return rng.choice(_PHRASES)
+    if k < 0.85:
+        return rng.choice(_SPACE)
+    if k < 0.97:
+        return rng.choice(_PUNCT)
+    # a long run of one fragment: repeated phrases, unclosed boxes, blank runs, digits, letters
+    return rng.choice([*_PHRASES, *_LATEX, *_WORDS, *_SPACE, *_PUNCT, "5", "a", "1,"]) * rng.randint(
+        10, max_run
+    )
+
+
+def _fuzz_text(rng: random.Random, max_len: int) -> str:
+    """A random model-output-like string of at most `max_len` characters (runs of one fragment scale with it)."""
+    target = rng.randint(0, max_len)
+    parts: list[str] = []
+    n = 0
+    while n < target:
+        parts.append(_fuzz_piece(rng, max(300, max_len // 5)))
+        n += len(parts[-1])
+    text = "".join(parts)[:target]
+    if (
+        rng.random() < 0.2
+    ):  # the output trails off into a run of blanks / punctuation (worst case for the tail)
+        head, end = rng.choice(["", *_PHRASES]), rng.choice(["", "x", "5", "}"])
+        run = (rng.choice([*_SPACE, *_PUNCT, ". "]) * target)[: max(0, target - target // 2 - len(head) - 1)]
+        text = text[: target // 2] + head + run + end
+    return text
+
+
+@contextlib.contextmanager
+def _hard_limit(seconds: float):
+    """Interrupt the block after `seconds` (SIGALRM; `re` checks for signals), so a catastrophic regex fails the
+    test instead of hanging CI. A no-op where SIGALRM is unavailable or off the main thread."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise TimeoutError(f"parse still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _timed(fn, arg):
+    """(fn(arg), seconds); a slow call is re-timed up to twice and the fastest run counts, so a scheduler or
+    GC hiccup on a busy machine does not fail the test while a super-linear parse (slow every time) still does."""
+    best = math.inf
+    for _ in range(3):
+        with _hard_limit(2.0):
+            t = time.perf_counter()
+            res = fn(arg)
+            best = min(best, time.perf_counter() - t)
+        if best < _PER_CALL_LIMIT:
+            break
+    return res, best
+
+
+_PER_CALL_LIMIT = 0.05  # seconds for one parse of a few kB
+
+
+def test_fuzzed_outputs_parse_fast_in_the_caller():
+    rng = random.Random(20240611)
+    slowest = (0.0, "")
+    gc.disable()  # collections triggered by the loop's garbage are not the parser's time
+    try:
+        start = time.perf_counter()
+        for i in range(3000):
+            # mostly a few kB; every 20th string runs past MAX_SCAN_CHARS, long enough to expose quadratic scans
+            s = _fuzz_text(rng, 4000) if i % 20 else _fuzz_text(rng, 24_000)
+            gold = _fuzz_text(rng, 40) if rng.random() < 0.2 else _fuzz_number(rng)
+            calls = [
+                (extract_answer, s),
+                (lambda x: extract_answer(x, last_number=True), s),
+                (last_boxed, s),
+                (to_number, s),
+                (to_number, gold),
+            ]
+            for fn, arg in calls:
+                res, dt = _timed(fn, arg)
+                if dt > slowest[0]:
+                    slowest = (dt, arg)
+                assert res is None or isinstance(res, str | float)
+            pred, dt = _timed(extract_answer, s)
+            num, dt2 = _timed(to_number, pred)  # exactly what grade() does with a prediction
+            slowest = max(slowest, (dt, s), (dt2, pred or ""), key=lambda x: x[0])
+            assert num is None or isinstance(num, float)
+            boxed = last_boxed(s[-MAX_SCAN_CHARS:])
+            if boxed is not None:
+                assert pred == boxed  # a complete box in the part read always wins
+        total = time.perf_counter() - start
+    finally:
+        gc.enable()
+    assert slowest[0] < _PER_CALL_LIMIT, f"{slowest[0] * 1000:.1f} ms on {slowest[1][:200]!r}"
+    assert total < 6.0, f"fuzz loop took {total:.1f} s"
+
+
+def test_fuzzed_outputs_grade_within_the_timeout():
+    rng = random.Random(7)
+    timeout = 1.0
+    grade_one(r"\boxed{1}", "1")  # start the worker pool outside the timed part
+    golds = ["42", r"\frac{1}{2}", "1000", "-3", "x^2", "18", "0.5", r"\sqrt{2}"]
+    for _ in range(200):
+        s = _fuzz_text(rng, 800)
+        gold = rng.choice(golds)
+        t = time.perf_counter()
+        g = grade([s], [gold], timeout=timeout)[0]
+        elapsed = time.perf_counter() - t
+        assert isinstance(g, Grade) and isinstance(g.correct, bool)
+        assert g.pred == extract_answer(s)
+        assert elapsed < timeout + 1.0, f"{elapsed:.2f} s for {s[:200]!r}"
+
+
+def test_math_verify_and_sympy_never_load_in_the_caller():
+    code = (
+        "import sys\n"
+        "from lrs.grading import grade\n"
+        "gs = grade([r'\\boxed{\\frac{1}{2}}', 'the answer is 18 dollars', 'x'], ['0.5', '18', '1'])\n"
+        "assert [g.correct for g in gs] == [True, True, False], gs\n"
+        "bad = [m for m in ('math_verify', 'sympy', 'latex2sympy2_extended') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -182,7 +182,7 @@ def test_changed_shard_is_refused_and_concurrent_collect_is_locked(tmp_path):
 
     with open(out / ".lock", "w") as f:  # another process holds the directory
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(LRSError, match="another `lrs collect` is writing to"):
+        with pytest.raises(LRSError, match="is in use by"):
             collect_traces(
                 make_model("qwen2"),
                 make_tokenizer(),

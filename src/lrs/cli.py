@@ -16,6 +16,7 @@ from typing import Any
 
 from lrs import config as C
 from lrs.errors import LRSError
+from lrs.runs import check_dir_target, check_file_target, exclusive
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -159,6 +160,8 @@ def cmd_eval(args) -> None:
     rd, tc, gc, ev = _rd(args), build(C.TaskConfig, args), build(C.GenConfig, args), build(C.EvalConfig, args)
     ev.method = args.method
     stages.problems(tc)  # a bad task or split fails before the model is loaded
+    check_dir_target(Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split), "--out")
+    build(C.SteerOverrides, args)  # bad steering settings fail before the model is loaded too
     model, tok = stages.load(build(C.ModelConfig, args))
     res = stages.run_eval(model, tok, tc, gc, ev, build(C.SteerOverrides, args), rd)
     print(
@@ -182,8 +185,9 @@ def cmd_collect(args) -> None:
     probs = stages.problems(tc)
     if not probs:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
-    model, tok = stages.load(build(C.ModelConfig, args))
     rd = _rd(args)
+    check_dir_target(Path(cc.out) if cc.out else rd.traces, "--out")
+    model, tok = stages.load(build(C.ModelConfig, args))
     meta = dict(task=tc.task, split=tc.split, split_seed=tc.split_seed)
     ts, secs = stages.timed(lambda: stages.collect(model, tok, probs, rd, gc, cc, meta))
     print(stages.describe_traces(ts) + f" ({secs:.0f} s)")
@@ -196,9 +200,11 @@ def cmd_fit_encoder(args) -> None:
     from lrs.traces import TraceSet
 
     rd, ec = _rd(args), build(C.EncoderConfig, args)
+    out = check_file_target(Path(ec.out) if ec.out else rd.encoder, "--out")
     ts = TraceSet(Path(ec.traces) if ec.traces else rd.traces)
-    enc, metrics = stages.fit_encoder(ts, ec, seed=args.seed)
-    out = save_encoder(enc, Path(ec.out) if ec.out else rd.encoder, metrics=metrics)
+    with exclusive(out.with_name(f".{out.name}.lock"), str(out)):
+        enc, metrics = stages.fit_encoder(ts, ec, seed=args.seed)
+        out = save_encoder(enc, out, metrics=metrics)
     shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(f"{ec.kind} encoder, {enc.n_latents} latents at layer {enc.layer}: {shown or 'fitted'}")
     print(f"encoder: {out}")
@@ -212,14 +218,14 @@ def cmd_train_reward(args) -> None:
     from lrs.traces import TraceSet
 
     rd, rc = _rd(args), build(C.RewardTrainConfig, args)
+    out = check_file_target(Path(rc.out) if rc.out else rd.reward, "--out")
     ts = TraceSet(Path(rc.traces) if rc.traces else rd.traces)
     enc = load_encoder(Path(rc.encoder) if rc.encoder else rd.encoder)
     held = TraceSet(rc.eval_traces) if rc.eval_traces else None
-    rm, report = stages.train_reward(ts, enc, rc, seed=args.seed, heldout=held)
-    out = save_reward_model(
-        rm, Path(rc.out) if rc.out else rd.reward, provenance=rm.provenance, metrics=report
-    )
-    atomic_write_text(out.with_suffix(".report.txt"), format_report(report) + "\n")
+    with exclusive(out.with_name(f".{out.name}.lock"), str(out)):
+        rm, report = stages.train_reward(ts, enc, rc, seed=args.seed, heldout=held)
+        out = save_reward_model(rm, out, provenance=rm.provenance, metrics=report)
+        atomic_write_text(out.with_suffix(".report.txt"), format_report(report) + "\n")
     print(format_report(report))
     print(f"reward model: {out}")
 

@@ -6,6 +6,7 @@ metadata becomes the flag's help text), and library users build them directly or
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -43,6 +44,9 @@ class TaskConfig:
     question_field: str | None = opt(None, "JSONL/hub field holding the question (default: auto)")
     answer_field: str | None = opt(None, "JSONL/hub field holding the gold answer (default: auto)")
 
+    def __post_init__(self) -> None:
+        _at_least(self, "limit", 0, optional=True)
+
 
 @dataclass
 class GenConfig:
@@ -51,6 +55,10 @@ class GenConfig:
     max_new_tokens: int = opt(384, "generation budget per problem")
     batch_size: int = opt(16, "prompts per generate() batch")
     seed: int = opt(0, "sampling / training seed (does not change the split)")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "max_new_tokens", 1)
+        _at_least(self, "batch_size", 1)
 
 
 @dataclass
@@ -61,6 +69,14 @@ class CollectConfig:
     samples_per_problem: int = opt(1, "sampled traces per problem")
     temperature: float = opt(0.0, "sampling temperature (0 = greedy)")
     out: str | None = opt(None, "trace directory (default <run>/traces)")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "samples_per_problem", 1)
+        _finite(self, "temperature", low=0.0)
+        if self.samples_per_problem > 1 and self.temperature <= 0:
+            raise LRSError(
+                "--samples-per-problem > 1 needs --temperature > 0 (greedy samples would be identical)"
+            )
 
 
 @dataclass
@@ -77,6 +93,13 @@ class EncoderConfig:
     max_states: int = opt(200_000, "subsample states for fitting")
     out: str | None = opt(None, "encoder path (default <run>/encoder.safetensors)")
 
+    def __post_init__(self) -> None:
+        _at_least(self, "latents", 1)
+        _at_least(self, "topk", 1)
+        _at_least(self, "max_states", 1)
+        if self.kind == "topk" and self.topk > self.latents:
+            raise LRSError(f"--topk {self.topk} exceeds --latents {self.latents}: a TopK SAE needs k <= n")
+
 
 @dataclass
 class RewardTrainConfig:
@@ -90,6 +113,9 @@ class RewardTrainConfig:
     )
     epochs: int | None = opt(None, "maximum epochs (early stopping on val AUROC)")
     out: str | None = opt(None, "reward model path (default <run>/reward.safetensors)")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "epochs", 1, optional=True)
 
 
 @dataclass
@@ -112,6 +138,14 @@ class SteerOverrides:
         keys = ("k", "alpha", "tau_r", "tau_c", "warmup", "every")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
+    def __post_init__(self) -> None:
+        _at_least(self, "k", 1, optional=True)
+        _at_least(self, "warmup", 0, optional=True)
+        _at_least(self, "every", 1, optional=True)
+        _finite(self, "alpha", low=0.0, optional=True)
+        _finite(self, "tau_r", low=0.0, high=1.0, optional=True)
+        _finite(self, "tau_c", low=0.0, high=1.0, optional=True)
+
 
 @dataclass
 class EvalConfig:
@@ -122,12 +156,40 @@ class EvalConfig:
     out: str | None = opt(None, "results directory (default <run>/eval/<task>/<split>)")
     force: bool = opt(False, "re-run even if a result with the same cache key exists")
 
+    def __post_init__(self) -> None:
+        _at_least(self, "shots", 0)
+
 
 @dataclass
 class TuneConfig:
     """Choose steering settings on the dev split."""
 
     grid: str = opt("small", "size of the grid", choices=("tiny", "small", "full"))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(cfg: Any, name: str, low: int, optional: bool = False) -> None:
+    """Refuse an integer setting below ``low`` (or a non-integer) with one line naming the flag."""
+    v = getattr(cfg, name)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise LRSError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
+
+
+def _finite(cfg: Any, name: str, low: float | None = None, high: float | None = None, optional: bool = False):
+    """Refuse a NaN/inf or out-of-range float setting with one line naming the flag."""
+    v = getattr(cfg, name)
+    if v is None and optional:
+        return
+    if not isinstance(v, int | float) or math.isnan(v) or math.isinf(v):
+        raise LRSError(f"{_flag(name)} must be a finite number, got {v!r}")
+    if (low is not None and v < low) or (high is not None and v > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise LRSError(f"{_flag(name)} must be {rng}, got {v}")
 
 
 def from_dict(cls: type[T], data: dict) -> T:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -247,6 +247,8 @@ def generate(
     context: BatchHook | None = None,
     progress: bool = True,
     desc: str = "generate",
+    on_batch: Callable[[list[int], list[Generation]], None] | None = None,
+    skip: Collection[int] | None = None,
 ) -> list[Generation]:
     """Generate a completion for every prompt (greedy unless ``temperature > 0``), batched, KV cache on.
 
@@ -254,6 +256,13 @@ def generate(
     is called as ``context(batch_index, prompt_indices, tracker)`` and entered around each batch's ``generate``
     (this is how traces are recorded and steering is applied). Sampling is seeded per batch, so a
     batch's output does not depend on which batches ran before it.
+
+    Resuming: ``on_batch(prompt_indices, generations)`` is called after each generated batch (after
+    ``context`` has exited), so a caller can store finished work. ``skip`` holds prompt indices already
+    done: batches are still formed from *all* prompts (composition and seeds are those of a full run), a
+    batch whose indices are all in ``skip`` is not generated (nor passed to ``context`` or ``on_batch``), and
+    a batch only partly in ``skip`` is generated whole. Entries of skipped batches are ``None`` in the
+    returned list (never the case without ``skip``); the caller merges them with what it stored.
     """
     if not prompts:
         raise LRSError("nothing to generate: the prompt list is empty")
@@ -274,9 +283,19 @@ def generate(
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     tracker = DecodeTracker(model, stop)
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
+    done = set(skip or ())
+    todo = [(b, idx) for b, idx in enumerate(batches) if not all(i in done for i in idx)]
+    n_skipped = len(prompts) - sum(len(idx) for _, idx in todo)
+    bar = tqdm(
+        total=len(prompts),
+        initial=n_skipped,
+        desc=desc,
+        unit="prompt",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     n_tok, t0 = 0, time.perf_counter()
-    for b, idx in enumerate(batches):
+    for b, idx in todo:
         enc = tokenizer(
             [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         )
@@ -295,6 +314,8 @@ def generate(
             conf = confs[row, : len(ids)].tolist() if confs is not None else []
             results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, finished, conf)
             n_tok += len(ids)
+        if on_batch is not None:
+            on_batch(list(idx), [results[i] for i in idx])  # type: ignore[misc]
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
     bar.close()

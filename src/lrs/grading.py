@@ -368,6 +368,11 @@ atexit.register(close_pool)
 # ---------------------------------------------------------------- public grading API
 
 
+def _missing_gold(gold: object) -> bool:
+    """True for a gold answer that is None, empty or the string "None" (a bug upstream, never a real answer)."""
+    return gold is None or str(gold).strip() in ("", "None")
+
+
 @dataclass
 class Grade:
     """One graded output: the extracted answer, whether it matches the gold, and which check decided."""
@@ -380,13 +385,23 @@ class Grade:
 
 def grade(outputs: list[str], golds: list[str], *, timeout: float = 5.0, workers: int = 2) -> list[Grade]:
     """Grade model outputs against gold answers (in order). A check running longer than `timeout` seconds is
-    killed and counts as wrong (method "timeout"); the numeric fallback catches "1,000" / "$18" / "18 dollars"."""
+    killed and counts as wrong (method "timeout"); the numeric fallback catches "1,000" / "$18" / "18 dollars".
+    Raises LRSError if a gold answer is None, empty or "None"."""
     if len(outputs) != len(golds):
         raise LRSError(
             f"grade: got {len(outputs)} outputs but {len(golds)} gold answers; pass one gold per output"
         )
     if not timeout > 0:
         raise LRSError(f"grade: timeout must be a positive number of seconds, got {timeout}")
+    missing = [i for i, g in enumerate(golds) if _missing_gold(g)]
+    if missing:  # `\boxed{None}` would otherwise "match" a gold of None
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LRSError(
+            f"grade: output {missing[0]}{more} has no gold answer (got {golds[missing[0]]!r}); "
+            "every graded item needs a non-empty gold answer"
+        )
+    # the parent's share: linear-time extraction from each output's last MAX_SCAN_CHARS characters and the
+    # linear numeric fallback; every math-verify / sympy call runs in a worker under `timeout`
     preds = [extract_answer(o or "") for o in outputs]
     todo = [i for i, p in enumerate(preds) if p is not None]
     checked = _pool(workers).run([(str(golds[i]), preds[i]) for i in todo], timeout) if todo else []

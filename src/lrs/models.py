@@ -147,6 +147,24 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     return idx
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum number of positions (``max_position_embeddings``), if it declares one."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def check_budget(model: nn.Module, max_new_tokens: int) -> None:
+    """Refuse a generation budget the model's context cannot hold (one line, before any generation)."""
+    n = context_length(model)
+    if n is not None and max_new_tokens >= n:
+        raise LRSError(
+            f"--max-new-tokens {max_new_tokens} does not fit the context of {model_name(model)} ({n} positions, "
+            "prompt included): use fewer"
+        )
+
+
 def hidden_size(model: nn.Module) -> int:
     """Width d of the residual stream (the size of one decoder layer's output)."""
     config = model.config

@@ -16,8 +16,11 @@ run being asked for, so a changed encoder or reward model never reuses an old re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,55 @@ def cache_key(parts: dict) -> str:
     """A 16-hex-digit hash of a JSON-able dict (sorted keys), stable across processes and machines."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock on ``lock`` for the block; if another process holds it, one line naming it.
+
+    The lock file records the holder's pid and command line, so the message says who is writing.
+    """
+    import fcntl
+
+    from lrs.environment import command_line
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+")  # noqa: SIM115 - held for the duration of the block
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise LRSError(
+                f"{what} is in use by {holder}; wait for it to finish or use another directory"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} (`{command_line()}`)")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def check_dir_target(path: Path, what: str) -> Path:
+    """Refuse an output that must be a directory but is an existing file (before any work starts)."""
+    if path.exists() and not path.is_dir():
+        raise LRSError(f"{what} {path} is a file, not a directory")
+    return path
+
+
+def check_file_target(path: Path, what: str) -> Path:
+    """Refuse an artefact output that is an existing directory or whose parent is a file (before any work)."""
+    if path.is_dir():
+        raise LRSError(f"{what} {path} is a directory: give a file name ending in .safetensors")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LRSError(f"{what} {path}: {parent} is a file, not a directory")
+            break
+    return path
 
 
 def slug(text: str) -> str:
@@ -52,7 +104,7 @@ class RunDir:
         from lrs.packaged import DEFAULT_MODEL
 
         if run:
-            return cls(Path(run))
+            return cls(check_dir_target(Path(run), "--run"))
         return cls(Path("runs") / f"{slug(task)}-{slug(model or DEFAULT_MODEL)}")
 
     @property
@@ -92,6 +144,10 @@ class RunDir:
             best = json.loads(path.read_text())["best"]
         except (ValueError, KeyError, TypeError):
             raise LRSError(f"{path}: not a tuning result (no 'best' entry); run `lrs tune` again") from None
-        if not isinstance(best, dict):
+        if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
             raise LRSError(f"{path}: 'best' is not a mapping of method -> settings; run `lrs tune` again")
         return best
+
+    def lock(self, name: str, what: str | None = None):
+        """An exclusive lock on one job inside the run (``collect``, ``eval-<method>``, ``tune``, ...)."""
+        return exclusive(self.root / ".locks" / f"{name}.lock", what or f"{self.root} ({name})")

@@ -8,6 +8,7 @@ produced it (see :mod:`lrs.runs`).
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -60,10 +61,12 @@ def middle_layer(model) -> int:
 # ---- stage 1 ------------------------------------------------------------------------------------------
 def collect(model, tok, probs: list[Problem], rd: RunDir, gc: GenConfig, cc: CollectConfig, meta: dict):
     """Stage 1: traces with hidden states into ``cc.out`` (default ``<run>/traces``); resumes."""
+    from lrs.models import check_budget
     from lrs.traces import collect_traces
 
     if not probs:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
+    check_budget(model, gc.max_new_tokens)
     return collect_traces(
         model,
         tok,
@@ -108,11 +111,25 @@ def traces_provenance(ts, layer: int) -> dict:
     )
 
 
+def normalise_layer(ts, layer: int) -> int:
+    """A layer index as collection stored it: negative values count from the end, as in ``lrs collect``."""
+    if layer < 0:
+        n = ts.config.get("n_layers")
+        if n is None:
+            raise LRSError(
+                f"layer {layer}: this trace set does not record the model's depth; give a layer >= 0"
+            )
+        layer += n
+    if layer not in ts.layers:
+        raise LRSError(f"layer {layer} was not collected in {ts.path}; collected layers: {ts.layers}")
+    return layer
+
+
 def fit_encoder(ts, ec: EncoderConfig, seed: int = 0):
     """Fit an encoder of ``ec.kind`` on a trace set's states; returns (encoder, metrics) with provenance set."""
     from lrs import encoders
 
-    layer = ec.layer if ec.layer is not None else ts.layers[0]
+    layer = normalise_layer(ts, ec.layer) if ec.layer is not None else ts.layers[0]
     states = ts.states(layer, max_states=ec.max_states, seed=seed)
     if ec.kind == "topk":
         enc, metrics = encoders.fit_topk_sae(states, n_latents=ec.latents, k=ec.topk, seed=seed, layer=layer)
@@ -136,6 +153,8 @@ def reward_inputs(ts, enc) -> dict:
     out: dict = dict(latents=[], labels=[], groups=[], conf=[], prompt=[])
     with torch.no_grad():
         for t in ts:
+            if not torch.isfinite(t.hidden[L]).all():
+                raise LRSError(f"trace {t.id} in {ts.path} holds NaN or inf hidden states; collect it again")
             out["latents"].append(enc.encode(t.hidden[L]).float())
             out["labels"].append(t.label)
             out["groups"].append(t.problem_id)
@@ -250,12 +269,23 @@ def tune(model, tok, dev: list[Problem], rd: RunDir, grid: str, gc: GenConfig, s
     Results are filed under the artefacts' key (``<run>/tune/<key>/``), and each grid point is reused only
     when its cache key matches, so other encoders or budgets never reuse these results.
     """
-    from lrs.evaluate import evaluate
 
     if grid not in GRIDS:
         raise LRSError(f"unknown grid '{grid}': use one of {', '.join(GRIDS)}")
+    from lrs.models import check_budget
+
     g = GRIDS[grid]
+    check_budget(model, gc.max_new_tokens)
     key = artefact_key(rd, so)
+    with rd.lock(f"tune-{key}"):
+        return _tune(model, tok, dev, rd, g, gc, so, key, grid)
+
+
+def _tune(
+    model, tok, dev, rd: RunDir, g: dict, gc: GenConfig, so: SteerOverrides, key: str, grid: str
+) -> dict:
+    from lrs.evaluate import evaluate
+
     out = rd.tune_dir(key)
     runs = []
 
@@ -311,10 +341,20 @@ def run_eval(
 ) -> dict:
     """Evaluate ``ev.method`` on ``tc``'s split; returns the result (reused when its cache key matches)."""
     from lrs.evaluate import evaluate
+    from lrs.models import check_budget
+    from lrs.runs import check_dir_target
 
     m = get_method(ev.method)
     probs = problems(tc)
-    tuned = rd.load_tuned(artefact_key(rd, so)) if so.tuned and m.steerer else None
+    out = check_dir_target(Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split), "--out")
+    check_budget(model, gc.max_new_tokens)
+    tuned = None
+    if so.tuned and m.steerer:
+        tuned = rd.load_tuned(artefact_key(rd, so))
+        if ev.method not in tuned:
+            raise LRSError(
+                f"--tuned: the tuning result for these artefacts has no choice for '{ev.method}'; run `lrs tune`"
+            )
     steerer = build_steerer(ev.method, model, rd, so, tuned)
     pool = None
     if m.prompt_style == "fewshot":
@@ -323,22 +363,37 @@ def run_eval(
             raise LRSError(
                 "few-shot prompting needs the task's train split; this task has none (use --split test)"
             )
-    out = Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split)
-    return evaluate(
-        model,
-        tok,
-        probs,
-        method=ev.method,
-        steerer=steerer,
-        out_dir=out,
-        reuse=not ev.force,
-        max_new_tokens=gc.max_new_tokens,
-        batch_size=gc.batch_size,
-        seed=gc.seed,
-        shots=ev.shots,
-        fewshot_pool=pool,
-        extra=dict(task=tc.task, split=tc.split, limit=tc.limit, split_seed=tc.split_seed),
-    )
+    lock = f"eval-{ev.method}-{cache_key({'out': str(out.resolve())})}"
+    with rd.lock(lock, f"{out} ({ev.method})"):
+        res = evaluate(
+            model,
+            tok,
+            probs,
+            method=ev.method,
+            steerer=steerer,
+            out_dir=out,
+            reuse=not ev.force,
+            max_new_tokens=gc.max_new_tokens,
+            batch_size=gc.batch_size,
+            seed=gc.seed,
+            shots=ev.shots,
+            fewshot_pool=pool,
+            extra=dict(task=tc.task, split=tc.split, limit=tc.limit, split_seed=tc.split_seed),
+        )
+    warn_if_steering_skipped(res["summary"])
+    return res
+
+
+def warn_if_steering_skipped(summary: dict) -> None:
+    """Say on the terminal when most steering attempts were skipped (NaN/zero gradients): not a silent 0 %."""
+    st = summary.get("steering") or {}
+    skipped, steered = st.get("nan_skipped", 0), st.get("steered_tokens", 0)
+    if skipped and skipped >= steered:
+        print(
+            f"lrs: warning: {skipped} steering steps were skipped for non-finite or zero gradients "
+            f"({steered} applied): check the encoder and reward model",
+            file=sys.stderr,
+        )
 
 
 def timed(fn):

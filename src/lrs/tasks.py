@@ -728,7 +728,11 @@ def load_task(
         problems = [p for s in SPLITS for p in TASKS[name].loader(name, s, split_seed, data_dir, None)]
     else:
         problems = TASKS[name].loader(name, split, split_seed, data_dir, limit)
-    return problems if limit is None else problems[:limit]
+    problems = problems if limit is None else problems[:limit]
+    for p in problems:
+        if p.answer is None or str(p.answer).strip() in ("", "None", "null"):
+            raise LRSError(f"task '{name}': problem {p.id} has no gold answer; fix or remove that row")
+    return problems
 
 
 # ---------------------------------------------------------------- prompts

@@ -26,6 +26,7 @@ from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, generate, layer_output
 from lrs.grading import grade
 from lrs.models import decoder_layers, model_fingerprint, model_name, resolve_layer
+from lrs.runs import exclusive
 from lrs.tasks import Problem, build_prompts
 
 MANIFEST = "manifest.json"
@@ -50,24 +51,6 @@ class Trace:
         return int(self.tokens.shape[0])
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path):
-    """Hold an exclusive lock on ``out/.lock`` so two collections never write one directory at once."""
-    import fcntl
-
-    f = open(out / ".lock", "w")  # noqa: SIM115 - held for the duration of the block
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LRSError(
-                f"another `lrs collect` is writing to {out}; wait for it or use another --out"
-            ) from None
-        yield
-    finally:
-        f.close()
-
-
 class TraceSet:
     """A collection directory opened for reading; iterating loads shards one at a time."""
 
@@ -80,10 +63,12 @@ class TraceSet:
             )
         try:
             self.manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise LRSError(f"corrupt manifest {mf}: {e}") from None
-        self.config: dict = self.manifest["config"]
-        self.records: list[dict] = [r for b in self.manifest["batches"] for r in b["traces"]]
+            self.config: dict = self.manifest["config"]
+            self.records: list[dict] = [r for b in self.manifest["batches"] for r in b["traces"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LRSError(
+                f"corrupt manifest {mf} ({type(e).__name__}: {e}); collect again into a new --out"
+            ) from None
         if not self.records:
             raise LRSError(f"trace collection {self.path} holds no traces yet")
 
@@ -205,7 +190,7 @@ def collect_traces(
     layers = sorted({resolve_layer(model, L) for L in layers})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with exclusive(out / ".lock", f"trace directory {out}"):
         jobs = [(p, s) for p in problems for s in range(samples_per_problem)]
         prompts = build_prompts(tokenizer, [p for p, _ in jobs], style=prompt_style)
         order = sorted(range(len(jobs)), key=lambda i: (len(prompts[i]), i))
@@ -213,6 +198,7 @@ def collect_traces(
         config = dict(
             model=model_name(model),
             model_fingerprint=model_fingerprint(model),
+            n_layers=len(decoder_layers(model)),
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
             layers=layers,
             problems=[p.id for p in problems],

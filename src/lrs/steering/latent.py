@@ -166,7 +166,7 @@ class LatentRewardSteerer(Steerer):
         """The per-batch hook used by :func:`lrs.generation.generate` (``indices`` map rows to problems)."""
         model = tracker.model
         check_model(self.encoder, model)
-        self._to(next(model.parameters()).device)
+        self._to(next(model.parameters()).device, batch)
         block = decoder_layers(model)[self.layer]
         state: dict = {}
 
@@ -201,12 +201,15 @@ class LatentRewardSteerer(Steerer):
         )
 
     # ---- the hook ---------------------------------------------------------------------------------
-    def _to(self, device: torch.device) -> None:
+    def _to(self, device: torch.device, batch: int | None = None) -> None:
+        """Move encoder and reward model to ``device``; seed the random control per batch (so a resumed
+        evaluation draws the same directions for a batch as an uninterrupted one)."""
         for m in (self.encoder, self.reward):
             if hasattr(m, "to"):
                 m.to(device)
-        if self._gen.device != device:
-            self._gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
+        if batch is not None or self._gen.device != device:
+            seed = self.cfg.seed if batch is None else self.cfg.seed * 1_000_003 + batch
+            self._gen = torch.Generator(device=device).manual_seed(seed)
 
     def _store(self, s: _BatchState | None, indices: list[int] | None) -> None:
         if s is None:
