@@ -266,3 +266,41 @@ def test_heldout_set_sharing_a_problem_with_training_is_refused():
     held = synth(n_problems=3, seed=5)  # same ids p0..p2 as training problems
     with pytest.raises(LRSError, match="share 3 problems"):
         train_reward_model(train["latents"], train["labels"], train["groups"], heldout=held, progress=False)
+
+
+def test_selection_reads_fixed_positions_only_and_report_is_problem_disjoint():
+    from lrs.reward.model import SELECT_POSITIONS, _val_score
+    from lrs.reward.train import split_three
+
+    # "end" and positions few traces reach never influence selection
+    assert _val_score({"16": 0.6, "32": 0.6, "64": 0.6, "128": 0.6, "256": 0.0, "end": 1.0}) == 0.6
+    assert SELECT_POSITIONS == (16, 32, 64, 128)
+    groups = [f"p{i // 3}" for i in range(90)]
+    labels = [i % 2 for i in range(90)]
+    fit, sel, rep = split_three(groups, labels, 0.2, 0.2, seed=0)
+    gf, gs, gr = ({groups[i] for i in part} for part in (fit, sel, rep))
+    assert not (gf & gs) and not (gf & gr) and not (gs & gr)
+    assert sorted(fit + sel + rep) == list(range(90)) and len(gs) == len(gr) == 6
+    assert (
+        split_three(groups, labels, 0.2, 0.0, seed=0)[1] == split_three(groups, labels, 0.2, 0.0, seed=0)[2]
+    )
+
+
+def test_report_says_where_it_was_selected_and_drop_truncated_ablation(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    latents, labels, groups, trunc = [], [], [], []
+    for i in range(60):
+        y = i % 2
+        z = torch.randn(40, 4, generator=g)
+        z[10:, 0] += 2.0 * y
+        latents.append(z), labels.append(y), groups.append(f"p{i // 2}"), trunc.append(i % 5 == 0)
+    cfg = RewardConfig(epochs=2, drop_truncated=True, use_position=False, **SMALL)
+    rm, report = train_reward_model(latents, labels, groups, cfg=cfg, truncated=trunc, progress=False)
+    assert report["selected_on"]["positions"] == [16, 32, 64, 128]
+    assert report["report_split"].startswith("report") and report["drop_truncated"] is True
+    assert report["use_position"] is False
+    z = torch.randn(1, 20, 4)
+    a = rm(z, positions=torch.arange(20)[None])
+    b = rm(z, positions=torch.arange(20)[None] + 500)
+    torch.testing.assert_close(a, b)  # without the position input, the index cannot matter
+    assert "selected on" in format_report(report)

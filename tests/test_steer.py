@@ -220,6 +220,13 @@ def test_random_control_has_same_norm_as_reward_direction():
     torch.testing.assert_close(d1.norm(dim=-1), d2.norm(dim=-1))
     cos = torch.nn.functional.cosine_similarity(d1, d2, dim=-1)
     assert cos.abs().max() < 0.9
+    # matched: the random change lies in the decoder's span like LRS's (8 directions of the 32-d state)
+    W = enc.W_dec.detach()
+    for d in (d1, d2):
+        coef = torch.linalg.lstsq(W, d.T).solution
+        torch.testing.assert_close(W @ coef, d.T, rtol=1e-4, atol=1e-4)
+    r = torch.randn(32, 3)
+    assert (W @ torch.linalg.lstsq(W, r).solution - r).norm(dim=0).min() > 1e-2  # a random 32-d vector is not
 
 
 def test_diffmean_adds_alpha_v_on_every_generated_token_only():

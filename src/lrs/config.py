@@ -111,11 +111,15 @@ class RewardTrainConfig:
     eval_traces: str | None = opt(
         None, "second trace set on other problems: the report is repeated on it, with within-problem AUROC"
     )
-    epochs: int | None = opt(None, "maximum epochs (early stopping on val AUROC)")
+    epochs: int | None = opt(None, "maximum epochs (early stopping on the selection problems' AUROC)")
+    report_frac: float = opt(0.2, "problems held out for the report only, disjoint from fit and selection")
+    drop_truncated: bool = opt(False, "leave traces that hit the token limit out of fitting and selection")
+    position: bool = opt(True, "give the model the token index (--no-position: ablation)")
     out: str | None = opt(None, "reward model path (default <run>/reward.safetensors)")
 
     def __post_init__(self) -> None:
         _at_least(self, "epochs", 1, optional=True)
+        _finite(self, "report_frac", low=0.0, high=0.6)
 
 
 @dataclass

@@ -397,7 +397,7 @@ def grade(outputs: list[str], golds: list[str], *, timeout: float = 5.0, workers
     if missing:  # `\boxed{None}` would otherwise "match" a gold of None
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LRSError(
-            f"grade: output {missing[0]}{more} has no gold answer (got {golds[missing[0]]!r}); "
+            f"grade: output {missing[0]}{more} has no gold answer (got {golds[missing[0]]!r:.40}); "
             "every graded item needs a non-empty gold answer"
         )
     # the parent's share: linear-time extraction from each output's last MAX_SCAN_CHARS characters and the

@@ -168,14 +168,16 @@ def train_reward(ts, enc, rc: RewardTrainConfig, seed: int = 0, heldout=None):
     from lrs.encoders import encoder_hash
     from lrs.reward import RewardConfig, train_reward_model
 
-    cfg = RewardConfig(kind=rc.kind, seed=seed)
-    if rc.epochs is not None:
-        cfg.epochs = rc.epochs
+    cfg = RewardConfig(
+        kind=rc.kind, seed=seed, report_frac=rc.report_frac, drop_truncated=rc.drop_truncated,
+        use_position=rc.position, **({"epochs": rc.epochs} if rc.epochs is not None else {}),
+    )  # fmt: skip
     x = reward_inputs(ts, enc)
     h = reward_inputs(heldout, enc) if heldout is not None else None
     rm, report = train_reward_model(
-        x["latents"], x["labels"], x["groups"], cfg=cfg, conf=x["conf"], prompt=x["prompt"], heldout=h
-    )
+        x["latents"], x["labels"], x["groups"], cfg=cfg, conf=x["conf"], prompt=x["prompt"], heldout=h,
+        truncated=[bool(r["truncated"]) for r in ts.records],
+    )  # fmt: skip
     rm.provenance = traces_provenance(ts, enc.layer) | dict(
         encoder_hash=encoder_hash(enc), encoder_kind=enc.kind, n_latents=enc.n_latents
     )

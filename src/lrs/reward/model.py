@@ -51,7 +51,15 @@ class RewardConfig:
     batch_size: int = 16
     """traces per optimisation step"""
     val_frac: float = 0.2
-    """fraction of problems (not traces) held out for early stopping and the report"""
+    """fraction of problems (not traces) held out for selecting the epoch (early stopping)"""
+    report_frac: float = 0.2
+    """fraction of problems held out for the report only, disjoint from fit and selection problems (0: report
+    on the selection problems, which flatters the reward model against untuned baselines)"""
+    drop_truncated: bool = False
+    """leave traces that hit the token limit out of fitting and selection (their 'wrong' label may only mean
+    'long'); the report still scores every trace"""
+    use_position: bool = True
+    """give the model the absolute token index (False: ablation, so it cannot learn 'long means wrong')"""
     seed: int = 0
     """seeds the split, the initialisation, dropout and batch order"""
     max_len: int = 1024
@@ -66,8 +74,14 @@ class RewardConfig:
             )
         if self.window < 1 or self.max_len < 1 or self.epochs < 1 or self.batch_size < 1:
             raise LRSError("reward model window, max_len, epochs and batch_size must all be >= 1")
-        if not 0 < self.val_frac < 1:
-            raise LRSError(f"val_frac must be between 0 and 1 (got {self.val_frac})")
+        if (
+            not 0 < self.val_frac < 1
+            or not 0 <= self.report_frac < 1
+            or self.val_frac + self.report_frac >= 1
+        ):
+            raise LRSError(
+                f"val_frac ({self.val_frac}) and report_frac ({self.report_frac}) must be in [0, 1) and sum below 1"
+            )
 
 
 class RewardModel(nn.Module):
@@ -133,6 +147,8 @@ class RewardModel(nn.Module):
         x = (z.to(self.z_mean.dtype) - self.z_mean) / self.z_std
         x = torch.where(valid[..., None], x, torch.zeros_like(x))
         f = torch.log1p(positions.to(x.dtype).clamp_min(0)) / math.log1p(self.cfg.max_len)
+        if not self.cfg.use_position:
+            f = torch.zeros_like(f)
         x = self.inp(x) + self.pos(f[..., None])
         if self.cfg.kind == "mlp":
             x = self.drop(F.gelu(x))
@@ -246,8 +262,12 @@ def _prefix_scores(rm: RewardModel, latents: list[torch.Tensor]) -> dict[str, np
     return out
 
 
+SELECT_POSITIONS = (16, 32, 64, 128)  # epoch selection reads only these; "end" sees the answer and the length
+
+
 def _val_score(aucs: dict[str, float]) -> float:
-    vals = [a for a in aucs.values() if not math.isnan(a)]
+    """Mean AUROC over the fixed selection positions (never "end", never positions few traces reach)."""
+    vals = [aucs[str(t)] for t in SELECT_POSITIONS if str(t) in aucs and not math.isnan(aucs[str(t)])]
     return float(np.mean(vals)) if vals else math.nan
 
 

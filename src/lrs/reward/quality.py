@@ -157,11 +157,13 @@ def format_report(report: dict) -> str:
     verdict; the same again for the held-out trace set when there is one."""
     head = (
         f"reward model {report['kind']} on {report['n_latents']} latents: train {report['n_train']} traces "
-        f"({report['n_train_problems']} problems, {report['pos_frac_train']:.0%} correct), val {report['n_val']} "
-        f"traces ({report['n_val_problems']} problems, {report['pos_frac_val']:.0%} correct), best epoch "
-        f"{report.get('best_epoch', '?')} of {report.get('epochs_run', '?')}"
+        f"({report['n_train_problems']} problems, {report['pos_frac_train']:.0%} correct), report set "
+        f"{report['n_val']} traces ({report['n_val_problems']} problems, {report['pos_frac_val']:.0%} correct), "
+        f"epoch {report.get('best_epoch', '?')} of {report.get('epochs_run', '?')} selected on "
+        f"{(report.get('selected_on') or {}).get('n_problems', '?')} other problems at t="
+        f"{'/'.join(str(t) for t in (report.get('selected_on') or {}).get('positions', []))}"
     )
-    lines = [head, *_table(report, "val AUROC")]
+    lines = [head, *_table(report, "report AUROC")]
     h = report.get("heldout")
     if h:
         lines.append(

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from lrs.artifacts import jsonable
 from lrs.errors import LRSError
 from lrs.reward.model import (
+    SELECT_POSITIONS,
     RewardConfig,
     RewardModel,
     _aucs_at,
@@ -44,6 +45,48 @@ def split_by_group(
     raise LRSError(
         f"could not split {len(uniq)} problems into train/val with both correct and wrong traces on each side "
         f"(tried {tries} shuffles): collect more problems or sample several traces per problem"
+    )
+
+
+def split_three(
+    groups: list[str],
+    labels: list[int] | np.ndarray,
+    val_frac: float,
+    report_frac: float,
+    seed: int,
+    tries: int = 50,
+) -> tuple[list[int], list[int], list[int]]:
+    """Split trace indices by problem into (fit, select, report), each side holding both labels.
+
+    With ``report_frac == 0`` the report side is the selection side (the old two-way split).
+    """
+    if report_frac == 0:
+        tr, va = split_by_group(groups, labels, val_frac, seed, tries)
+        return tr, va, va
+    y = np.asarray(labels, dtype=int)
+    uniq = sorted(set(groups), key=str)
+    if len(uniq) < 3:
+        raise LRSError(f"need at least 3 problems for a fit/select/report split, found {len(uniq)}")
+    n_sel = max(1, round(val_frac * len(uniq)))
+    n_rep = max(1, round(report_frac * len(uniq)))
+    if n_sel + n_rep >= len(uniq):
+        raise LRSError(
+            f"{len(uniq)} problems are too few for a fit/select/report split: collect more problems"
+        )
+    for attempt in range(tries):
+        perm = np.random.default_rng(seed + attempt).permutation(len(uniq))
+        sel = {uniq[i] for i in perm[:n_sel]}
+        rep = {uniq[i] for i in perm[n_sel : n_sel + n_rep]}
+        parts = (
+            [i for i, g in enumerate(groups) if g not in sel and g not in rep],
+            [i for i, g in enumerate(groups) if g in sel],
+            [i for i, g in enumerate(groups) if g in rep],
+        )
+        if all(len(set(y[p])) == 2 for p in parts):
+            return parts
+    raise LRSError(
+        f"could not split {len(uniq)} problems into fit/select/report with both correct and wrong traces on "
+        f"each side (tried {tries} shuffles): collect more problems, or pass report_frac=0 with a held-out set"
     )
 
 
@@ -107,6 +150,7 @@ def train_reward_model(
     conf: list[torch.Tensor] | None = None,
     prompt: list[torch.Tensor] | None = None,
     heldout: dict | None = None,
+    truncated: list[bool] | None = None,
     progress: bool = True,
 ) -> tuple[RewardModel, dict]:
     """Train on traces split by problem, select on val AUROC at absolute positions; returns (model, report).
@@ -120,7 +164,17 @@ def train_reward_model(
     if heldout is not None:
         _check_heldout(heldout, latents, groups, conf, prompt)
     y = np.asarray(labels, dtype=int)
-    tr, va = split_by_group(list(groups), y, cfg.val_frac, cfg.seed)
+    tr, va, rep = split_three(list(groups), y, cfg.val_frac, cfg.report_frac, cfg.seed)
+    if cfg.drop_truncated:
+        if truncated is None or len(truncated) != len(latents):
+            raise LRSError("drop_truncated needs one truncated flag per trace")
+        tr = [i for i in tr if not truncated[i]]
+        va = [i for i in va if not truncated[i]]
+        for side, idx in (("fit", tr), ("selection", va)):
+            if len(set(y[idx].tolist())) < 2:
+                raise LRSError(
+                    f"after dropping truncated traces the {side} problems lack correct or wrong traces"
+                )
     xs = _prep(latents, cfg.max_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -128,8 +182,13 @@ def train_reward_model(
         rm = RewardModel(xs[0].shape[1], cfg)
         rm.set_standardisation(torch.cat([xs[i] for i in tr]))
         rm, best_epoch, history = _fit(rm, xs, y, tr, va, progress)
-    report = _quality(rm, xs, y, list(groups), tr, va, conf, prompt)
-    report.update(best_epoch=best_epoch, epochs_run=len(history), val_history=[round(h, 4) for h in history])
+    report = _quality(rm, xs, y, list(groups), tr, rep, conf, prompt)
+    report.update(
+        best_epoch=best_epoch, epochs_run=len(history), select_history=[round(h, 4) for h in history],
+        selected_on=dict(positions=list(SELECT_POSITIONS), n_traces=len(va), n_problems=len({groups[i] for i in va})),
+        report_split="select" if cfg.report_frac == 0 else "report (problem-disjoint from fit and select)",
+        drop_truncated=cfg.drop_truncated, use_position=cfg.use_position,
+    )  # fmt: skip
     report["verdict"] = verdict(report)
     if heldout is not None:  # append the held-out traces and score them as a second val side
         h = heldout

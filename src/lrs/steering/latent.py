@@ -275,6 +275,14 @@ class LatentRewardSteerer(Steerer):
         with torch.no_grad():
             return self.reward.score_last(z, valid, pos).float()
 
+    def _matched_random(self, z0: torch.Tensor, dz: torch.Tensor, dh: torch.Tensor, h: torch.Tensor):
+        """The matched control: a random unit direction *in latent space* with LRS's |dz|, decoded through the
+        same ``decode_delta`` (same span, same rescale), then scaled to LRS's |dh| on the same rows."""
+        u = torch.randn(dz.shape, generator=self._gen, device=dz.device)
+        dz_r = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12) * dz.norm(dim=-1, keepdim=True)
+        dh_r = self.encoder.decode_delta(z0 + dz_r, z0, h).float()
+        return dh_r / dh_r.norm(dim=-1, keepdim=True).clamp_min(1e-12) * dh.norm(dim=-1, keepdim=True)
+
     def _delta(
         self, s: _BatchState, rows: torch.Tensor, h_rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +307,6 @@ class LatentRewardSteerer(Steerer):
             dz = dz * torch.clamp(self.cfg.max_dz / n.clamp_min(1e-12), max=1.0)
         dh = self.encoder.decode_delta(z0 + dz, z0, h_rows.float()).float()
         if self.cfg.control == "random":
-            rnd = torch.randn(dh.shape, generator=self._gen, device=dh.device)
-            dh = rnd / rnd.norm(dim=-1, keepdim=True) * dh.norm(dim=-1, keepdim=True)
+            dh = self._matched_random(z0, dz, dh, h_rows.float())
         ok &= torch.isfinite(dh).all(dim=-1)
         return dh.to(h_rows.dtype), ok
