@@ -101,7 +101,15 @@ def test_a_changed_encoder_never_reuses_a_cached_eval_or_tune_result(run, tmp_pa
     assert second["key_parts"]["steerer"]["encoder"] != first["key_parts"]["steerer"]["encoder"]
     assert main(tune) == 0
     assert "(cached)" not in capsys.readouterr().out  # the new artefacts get their own tune results
-    assert len(list((tmp_path / "run2" / "tune").glob("*/tune.json"))) == 2
+    tunes = list((tmp_path / "run2" / "tune").glob("*/tune.json"))
+    assert len(tunes) == 2
+    t = json.loads(tunes[0].read_text())
+    assert set(t["best"]) == {"lrs", "lrs-basic", "random", "diffmean"}  # every method tuned on its own grid
+    assert set(t["best"]["lrs-basic"]) == {"k", "alpha"} and set(t["beats_base_on_dev"]) == set(t["best"])
+    assert {r["method"] for r in t["runs"]} == {"lrs", "lrs-basic", "random", "diffmean"}
+    assert all(len(r["ci95"]) == 2 for r in t["runs"])
+    # all-zero dev accuracy: the tie goes to the weakest intervention (smallest alpha)
+    assert t["best"]["lrs"]["alpha"] == 0.1 and t["beats_base_on_dev"]["lrs"] is None  # tiny grid: no base
     assert main([*ev, "--tuned"]) == 0
 
 

@@ -103,7 +103,11 @@ def run_demo(
     if not rd.tune_file(key).exists():
         dev = stages.problems(tc, split="dev", limit=p.dev)
         _say(f"4/5 tuning on {len(dev)} dev problems (grid '{p.grid}'); test is not touched")
-        stages.tune(model, tok, dev, rd, p.grid, gc, SteerOverrides())
+        # the quick preset tunes LRS and diffmean; LRS basic and the random control take LRS's settings
+        stages.tune(
+            model, tok, dev, rd, p.grid, gc, SteerOverrides(), methods=("lrs", "diffmean"),
+            inherit={"lrs-basic": "lrs", "random": "lrs"},
+        )  # fmt: skip
 
     test_tc = TaskConfig(task=task, split="test", limit=p.test)
     _say(f"5/5 evaluating {', '.join(TEST_METHODS)} on {p.test} test problems")

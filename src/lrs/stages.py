@@ -265,11 +265,28 @@ GRIDS = {
 }
 
 
-def tune(model, tok, dev: list[Problem], rd: RunDir, grid: str, gc: GenConfig, so: SteerOverrides) -> dict:
+TUNED_METHODS = ("lrs", "lrs-basic", "random", "diffmean")
+_SHORT = {"k": "k", "alpha": "a", "tau_r": "r", "tau_c": "c"}  # grid-point names: lrs-k2-a0.1-r0.5-c0.72
+
+
+def tune(
+    model,
+    tok,
+    dev: list[Problem],
+    rd: RunDir,
+    grid: str,
+    gc: GenConfig,
+    so: SteerOverrides,
+    methods: tuple[str, ...] = TUNED_METHODS,
+    inherit: dict[str, str] | None = None,
+) -> dict:
     """Grid over K, alpha, tau_r, tau_c (LRS) and alpha (diffmean) on DEV problems; best = highest dev accuracy.
 
-    Results are filed under the artefacts' key (``<run>/tune/<key>/``), and each grid point is reused only
-    when its cache key matches, so other encoders or budgets never reuse these results.
+    Every method in ``methods`` gets its own grid (its ``tuned`` settings in the registry); ``inherit`` maps a
+    method that is not tuned to one whose choice it takes (``{"random": "lrs"}``). Ties go to the weakest
+    intervention, and ``beats_base_on_dev`` says whether the choice beat base on dev at all. Results are filed
+    under the artefacts' key (``<run>/tune/<key>/``); each grid point is reused only when its cache key
+    matches, so other encoders or budgets never reuse these results.
     """
 
     if grid not in GRIDS:
@@ -279,12 +296,16 @@ def tune(model, tok, dev: list[Problem], rd: RunDir, grid: str, gc: GenConfig, s
     g = GRIDS[grid]
     check_budget(model, gc.max_new_tokens)
     key = artefact_key(rd, so)
+    for m in [*methods, *(inherit or {})]:
+        if get_method(m).steerer is None:
+            raise LRSError(f"'{m}' has no settings to tune; tune one of {', '.join(TUNED_METHODS)}")
     with rd.lock(f"tune-{key}"):
-        return _tune(model, tok, dev, rd, g, gc, so, key, grid)
+        return _tune(model, tok, dev, rd, g, gc, so, key, grid, tuple(methods), dict(inherit or {}))
 
 
 def _tune(
-    model, tok, dev, rd: RunDir, g: dict, gc: GenConfig, so: SteerOverrides, key: str, grid: str
+    model, tok, dev, rd: RunDir, g: dict, gc: GenConfig, so: SteerOverrides, key: str, grid: str,
+    methods: tuple[str, ...], inherit: dict[str, str],
 ) -> dict:
     from lrs.evaluate import evaluate
 
@@ -306,31 +327,47 @@ def _tune(
         )
         s = res["summary"]
         rate = s.get("steering", {}).get("steer_rate", 0.0)
-        runs.append(dict(name=name, method=method, params=params, accuracy=s["accuracy"], steer_rate=rate))
+        runs.append(
+            dict(name=name, method=method, params=params, accuracy=s["accuracy"], ci95=s["ci95"], steer_rate=rate)
+        )
         print(f"  dev {name}: {s['accuracy']:.1%}" + (" (cached)" if res.get("cached") else ""))
 
     if g["base"]:
         run("base", None, {}, "base")
     plain = SteerOverrides(encoder=so.encoder, reward=so.reward)
-    for k, a, tr, tc in itertools.product(g["k"], g["alpha"], g["tau_r"], g["tau_c"]):
-        params = dict(k=k, alpha=a, tau_r=tr, tau_c=tc)
-        st = build_steerer("lrs", model, rd, SteerOverrides(**{**asdict(plain), **params}))
-        run(f"lrs-k{k}-a{a}-r{tr}-c{tc}", st, params, "lrs")
-    dm = build_steerer("diffmean", model, rd, plain)
-    for a in g["diffmean"]:
-        run(f"diffmean-a{a}", dm.scaled(a), dict(alpha=a), "diffmean")
-    best = {}
-    for method in ("lrs", "diffmean"):
+    values = dict(k=g["k"], alpha=g["alpha"], tau_r=g["tau_r"], tau_c=g["tau_c"])
+    for method in methods:
+        m = get_method(method)
+        if m.steerer == "vector":
+            dm = build_steerer(method, model, rd, plain)
+            for a in g["diffmean"]:
+                run(f"{method}-a{a}", dm.scaled(a), dict(alpha=a), method)
+            continue
+        for combo in itertools.product(*(values[p] for p in m.tuned)):
+            params = dict(zip(m.tuned, combo, strict=True))
+            st = build_steerer(method, model, rd, SteerOverrides(**{**asdict(plain), **params}))
+            run(f"{method}-" + "-".join(f"{_SHORT[k]}{v}" for k, v in params.items()), st, params, method)
+    base_acc = next((r["accuracy"] for r in runs if r["method"] == "base"), None)
+    best, beats = {}, {}
+    for method in methods:
         cands = [r for r in runs if r["method"] == method]
-        best[method] = max(cands, key=lambda r: (r["accuracy"], -r["steer_rate"]))["params"]
-    best["lrs-basic"] = {k: v for k, v in best["lrs"].items() if k in METHODS["lrs-basic"].tuned}
-    best["random"] = dict(best["lrs"])
+        # ties go to the weakest intervention: fewer steered tokens, then the smaller step
+        top = max(cands, key=lambda r: (r["accuracy"], -r["steer_rate"], -r["params"].get("alpha", 0)))
+        best[method] = top["params"]
+        beats[method] = None if base_acc is None else top["accuracy"] > base_acc
+    for method, source in inherit.items():  # e.g. the quick demo: the random control takes LRS's settings
+        if source in best and method not in best:
+            tuned = METHODS[method].tuned
+            best[method] = {k: v for k, v in best[source].items() if k in tuned}
     result = dict(
         split="dev",
         n=len(dev),
         grid=grid,
         artefact_key=key,
         max_new_tokens=gc.max_new_tokens,
+        base_accuracy=base_acc,
+        beats_base_on_dev=beats,
+        inherited=dict(inherit),
         runs=runs,
         best=best,
     )

@@ -399,10 +399,10 @@ class _Trainer:
             if kl_loss:
                 kt = k3(lp, ref) * zm
                 loss = loss + cfg.kl_coef * kt.sum() / n_tok
-                k3_sum += float(kt.sum())
-                k1_sum += float(((lp - ref) * zm).sum())
+                k3_sum += float(kt.detach().sum())
+                k1_sum += float(((lp.detach() - ref) * zm).sum())
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
             fwd_tok += sum(len(r.prompt) + len(r.completion) + len(r.answer) for r in mb)
         return total, k3_sum, k1_sum, fwd_tok
 
