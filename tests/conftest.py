@@ -81,3 +81,41 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny_model(request):
     return make_model(request.param)
+
+
+def build_trained_run(root, *, limit: int = 24, tokens: int = 40, layers: str = "1") -> dict:
+    """A run directory trained through the CLI on a tiny saved model: traces, identity encoder, reward model.
+
+    The random model is never right, so every other trace is labelled correct (stage 2 needs two classes).
+    """
+    import lrs.traces
+    from lrs.cli import main
+    from lrs.grading import Grade
+
+    model_dir = root / "tiny"
+    make_model("qwen2", hidden=32).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(
+        lrs.traces,
+        "grade",
+        lambda outs, golds: [Grade("1", i % 2 == 0, "numeric", False) for i in range(len(outs))],
+    )
+    common = ["--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--run", str(root / "run")]
+    try:
+        argv = [
+            "collect",
+            *common,
+            "--limit",
+            str(limit),
+            "--max-new-tokens",
+            str(tokens),
+            "--layers",
+            layers,
+        ]
+        assert main(argv) == 0
+        assert main(["fit-encoder", *common, "--kind", "identity", "--layer", layers]) == 0
+        assert main(["train-reward", *common, "--epochs", "1"]) == 0
+    finally:
+        mp.undo()
+    return dict(root=root, common=common, run=root / "run", model=str(model_dir))

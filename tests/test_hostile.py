@@ -6,34 +6,18 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import build_trained_run
 from safetensors.torch import save_file
 
-import lrs.traces
 from lrs.artifacts import tensor_hash
 from lrs.cli import main
-from lrs.grading import Grade
 from lrs.runs import exclusive
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    model_dir = root / "tiny"
-    make_model("qwen2", hidden=32).save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(
-        lrs.traces,
-        "grade",
-        lambda outs, golds: [Grade("1", i % 2 == 0, "numeric", False) for i in range(len(outs))],
-    )
-    common = ["--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--run", str(root / "run")]
-    assert main(["collect", *common, "--limit", "12", "--max-new-tokens", "24", "--layers", "-1"]) == 0
-    assert main(["fit-encoder", *common, "--kind", "identity", "--layer", "-1"]) == 0  # -1 means the same
-    assert main(["train-reward", *common, "--epochs", "1"]) == 0
-    mp.undo()
-    return dict(root=root, common=common, run=root / "run", model=str(model_dir))
+    """A run trained on arith with a tiny model: traces, identity encoder, reward model."""
+    return build_trained_run(tmp_path_factory.mktemp("hostile"), limit=12, tokens=24, layers="-1")
 
 
 def _one_line_error(capsys, code, *fragments):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import build_trained_run, make_model
 
 import lrs.traces
 from lrs.cli import main
@@ -21,22 +21,7 @@ from lrs.steering import LatentRewardSteerer, check_model, check_pair
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run trained on arith with a tiny model: traces, identity encoder, reward model."""
-    root = tmp_path_factory.mktemp("platform")
-    model_dir = root / "tiny"
-    make_model("qwen2", hidden=32).save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(
-        lrs.traces,
-        "grade",
-        lambda outs, golds: [Grade("1", i % 2 == 0, "numeric", False) for i in range(len(outs))],
-    )
-    common = ["--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--run", str(root / "run")]
-    assert main(["collect", *common, "--limit", "24", "--max-new-tokens", "40", "--layers", "1"]) == 0
-    assert main(["fit-encoder", *common, "--kind", "identity"]) == 0
-    assert main(["train-reward", *common, "--epochs", "1"]) == 0
-    mp.undo()
-    return dict(root=root, common=common, run=root / "run", model=str(model_dir))
+    return build_trained_run(tmp_path_factory.mktemp("platform"))
 
 
 def _err(capsys) -> str:

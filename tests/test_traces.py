@@ -167,32 +167,19 @@ def test_collection_does_not_change_generation(tmp_path):
 
 def test_changed_shard_is_refused_and_concurrent_collect_is_locked(tmp_path):
     out = tmp_path / "t"
-    ts = collect_traces(
-        make_model("qwen2"),
-        make_tokenizer(),
-        PROBLEMS[:3],
-        out,
-        layers=[1],
-        max_new_tokens=4,
-        batch_size=3,
-        progress=False,
-    )
-    assert len(list(ts)) == 3
+    model, tok = make_model("qwen2"), make_tokenizer()
+
+    def run():
+        kw = dict(layers=[1], max_new_tokens=4, batch_size=3, progress=False)
+        return collect_traces(model, tok, PROBLEMS[:3], out, **kw)
+
+    assert len(list(run())) == 3
     import fcntl
 
     with open(out / ".lock", "w") as f:  # another process holds the directory
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(LRSError, match="is in use by"):
-            collect_traces(
-                make_model("qwen2"),
-                make_tokenizer(),
-                PROBLEMS[:3],
-                out,
-                layers=[1],
-                max_new_tokens=4,
-                batch_size=3,
-                progress=False,
-            )
+            run()
     shard = out / "shard-00000.safetensors"
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0xFF
