@@ -107,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reward", default=None, help="reward model artefact (default <run>/reward.safetensors)")
     _run_flag(t)
 
+    from lrs.trainers.config import TrainConfig
+
+    tv = sub.add_parser(
+        "train-vectors", help="train bias-only steering vectors (or LoRA) by RL: verifier or LaTRO"
+    )
+    add_config(tv, C.ModelConfig)
+    add_config(tv, C.TaskConfig, defaults=dict(split="train"))
+    add_config(tv, TrainConfig)
+    _run_flag(tv)
+
     dm = sub.add_parser("demo", help="the whole pipeline on the default model and the procedural task")
     add_config(dm, C.ModelConfig)
     dm.add_argument("--task", default="arith", help="task (default arith)")
@@ -242,6 +252,19 @@ def cmd_tune(args) -> None:
     print(f"saved: {rd.tune_file(res['artefact_key'])}")
 
 
+def cmd_train_vectors(args) -> None:
+    from lrs import stages
+    from lrs.trainers.config import TrainConfig
+
+    tc, cfg = build(C.TaskConfig, args), build(TrainConfig, args)
+    probs = stages.problems(tc)
+    model, tok = stages.load(build(C.ModelConfig, args))
+    res = stages.train_vectors(model, tok, probs, _rd(args), cfg)
+    last = res.log[-1]["reward_mean"] if res.log else float("nan")
+    print(f"trained {cfg.param} ({cfg.objective}) for {res.steps} steps; last step's mean reward {last:.3f}")
+    print(f"artefact: {res.artefact}")
+
+
 def cmd_demo(args) -> None:
     from lrs.demo import run_demo
 
@@ -264,6 +287,7 @@ COMMANDS = {
     "fit-encoder": cmd_fit_encoder,
     "train-reward": cmd_train_reward,
     "tune": cmd_tune,
+    "train-vectors": cmd_train_vectors,
     "demo": cmd_demo,
     "report": cmd_report,
 }

@@ -135,6 +135,9 @@ class SteerOverrides:
     tuned: bool = opt(False, "use the settings `lrs tune` chose on dev for these artefacts")
     encoder: str | None = opt(None, "encoder artefact (default <run>/encoder.safetensors)")
     reward: str | None = opt(None, "reward model artefact (default <run>/reward.safetensors)")
+    vectors: str | None = opt(
+        None, "steering vectors artefact for --method vectors (e.g. from lrs train-vectors)"
+    )
     log_events: bool = opt(False, "record per-token r, c, steered, |dh| in the JSONL")
 
     def values(self) -> dict:

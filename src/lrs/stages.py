@@ -229,6 +229,13 @@ def build_steerer(method: str, model, rd: RunDir, so: SteerOverrides, tuned: dic
     m = get_method(method)
     if m.steerer is None:
         return None
+    if m.steerer == "file":
+        if not so.vectors:
+            raise LRSError(
+                f"--method {method} needs --vectors FILE (e.g. <run>/rl/bias-verifier/vectors.safetensors)"
+            )
+        sv = SteeringVectors.load(so.vectors)
+        return sv.scaled(so.alpha) if so.alpha is not None else sv
     enc_path = Path(so.encoder) if so.encoder else rd.encoder
     if m.steerer == "vector":
         from lrs.traces import TraceSet
@@ -304,8 +311,17 @@ def tune(
 
 
 def _tune(
-    model, tok, dev, rd: RunDir, g: dict, gc: GenConfig, so: SteerOverrides, key: str, grid: str,
-    methods: tuple[str, ...], inherit: dict[str, str],
+    model,
+    tok,
+    dev,
+    rd: RunDir,
+    g: dict,
+    gc: GenConfig,
+    so: SteerOverrides,
+    key: str,
+    grid: str,
+    methods: tuple[str, ...],
+    inherit: dict[str, str],
 ) -> dict:
     from lrs.evaluate import evaluate
 
@@ -328,7 +344,14 @@ def _tune(
         s = res["summary"]
         rate = s.get("steering", {}).get("steer_rate", 0.0)
         runs.append(
-            dict(name=name, method=method, params=params, accuracy=s["accuracy"], ci95=s["ci95"], steer_rate=rate)
+            dict(
+                name=name,
+                method=method,
+                params=params,
+                accuracy=s["accuracy"],
+                ci95=s["ci95"],
+                steer_rate=rate,
+            )
         )
         print(f"  dev {name}: {s['accuracy']:.1%}" + (" (cached)" if res.get("cached") else ""))
 
@@ -433,6 +456,14 @@ def warn_if_steering_skipped(summary: dict) -> None:
             f"({steered} applied): check the encoder and reward model",
             file=sys.stderr,
         )
+
+
+def train_vectors(model, tok, probs: list[Problem], rd: RunDir, cfg):
+    """Train bias-only steering vectors or LoRA by RL (``lrs.trainers``); output under ``<run>/rl/`` by default."""
+    from lrs.trainers import train
+
+    out = Path(cfg.out) if cfg.out else rd.root / "rl" / f"{cfg.param}-{cfg.objective}"
+    return train(model, tok, probs, cfg, out)
 
 
 def timed(fn):

@@ -120,24 +120,68 @@ def check_model(encoder, model) -> None:
 
 
 class _BatchState:
-    """Per-row state of one generate() batch: latent history, last steer step, counters, events."""
+    """Per-row state of one generate() batch: latent history, last steer step, counters, events.
 
-    def __init__(self, batch: int, window: int, n_latents: int, device: torch.device):
-        self.z = torch.zeros(batch, window, n_latents, device=device)
-        self.valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
-        self.pos = torch.zeros(batch, window, dtype=torch.long, device=device)
+    The latent history is a ring (one slot write per token instead of rolling the whole tensor); ``z``,
+    ``valid`` and ``pos`` give it oldest-first, newest in the last column, as the full-window scorer reads it.
+    With a causal reward model (``reward`` given) the state also holds its incremental cache: each layer's
+    keys/values over the window, so a token costs one position of the reward model, not a window.
+    """
+
+    def __init__(self, batch: int, window: int, n_latents: int, device: torch.device, reward=None):
+        self.batch, self.window, self.n = batch, window, 0
+        self._z = torch.zeros(batch, window, n_latents, device=device)
+        self._valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
+        self._pos = torch.zeros(batch, window, dtype=torch.long, device=device)
         self.last = torch.full((batch,), -(10**9), dtype=torch.long, device=device)
         self.steps = torch.zeros(batch, dtype=torch.long, device=device)
         self.steers = torch.zeros(batch, dtype=torch.long, device=device)
         self.skipped = torch.zeros(batch, dtype=torch.long, device=device)
         self.dh_norm = torch.zeros(batch, device=device)
         self.events: list[list[dict]] = [[] for _ in range(batch)]
+        self.cache = reward.new_cache(batch, device) if reward is not None else None
+        self.kv: torch.Tensor | None = None  # the newest position's keys/values, appended after steering
+        self.step = 0
+
+    def _ordered(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, -(self.n % self.window), dims=1)
+
+    @property
+    def z(self) -> torch.Tensor:
+        """Latent history [B, W, n], oldest first (a copy)."""
+        return self._ordered(self._z)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._ordered(self._valid)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self._ordered(self._pos)
+
+    @property
+    def slot(self) -> int:
+        """Ring slot of the newest latent."""
+        return (self.n - 1) % self.window
 
     def push(self, z: torch.Tensor, step: int) -> None:
-        self.z = torch.roll(self.z, -1, dims=1)
-        self.valid = torch.roll(self.valid, -1, dims=1)
-        self.pos = torch.roll(self.pos, -1, dims=1)
-        self.z[:, -1], self.valid[:, -1], self.pos[:, -1] = z, True, step
+        slot = self.n % self.window
+        self._z[:, slot], self._valid[:, slot], self._pos[:, slot] = z, True, step
+        self.n += 1
+        self.step = step
+
+    def newest(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The newest latent [B or len(rows), n]."""
+        z = self._z[:, self.slot]
+        return z if rows is None else z[rows]
+
+    def set_newest(self, rows: torch.Tensor, z: torch.Tensor) -> None:
+        self._z[rows, self.slot] = z
+
+    def check_pending(self) -> None:
+        """The reward cache must hold every latent but the newest (scored, steered, then committed)."""
+        if self.cache.n != self.n - 1:
+            raise RuntimeError(f"reward cache holds {self.cache.n} positions, history {self.n}: out of step")
 
 
 class LatentRewardSteerer(Steerer):
@@ -227,13 +271,27 @@ class LatentRewardSteerer(Steerer):
     def _encode(self, h: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(h.detach()).float()
 
+    def _incremental_reward(self):
+        """The reward model if it can score the newest position incrementally with scores equal to the
+        full-window ones (causal, eval mode, history at least its window), else None (full-window path)."""
+        rm = self.reward
+        cfg = getattr(rm, "cfg", None)
+        if cfg is None or not getattr(rm, "incremental", False) or self.window < cfg.window:
+            return None
+        return rm
+
     def _step(self, output, tracker: DecodeTracker, state: dict, indices: list[int] | None):
         h = layer_output(output)
         step = tracker.step
         if step == 0:  # prefill: record the last prompt position's latent, never steer prompt positions
             self._store(state.pop("s", None), indices)  # a previous generate() call under apply()
-            state["s"] = s = _BatchState(h.shape[0], self.window, self.encoder.n_latents, h.device)
+            state["s"] = s = _BatchState(
+                h.shape[0], self.window, self.encoder.n_latents, h.device, self._incremental_reward()
+            )
             s.push(self._encode(h[:, -1]), 0)
+            if s.cache is not None:
+                self._score(s)
+                self._commit(s)
             return None
         s: _BatchState = state["s"]
         live = tracker.live
@@ -242,7 +300,9 @@ class LatentRewardSteerer(Steerer):
         s.steps += live.long()
         need_r = self.gate.mode == "gated" or self.log_events
         ones = torch.ones(h.shape[0], device=h.device)
-        r = torch.sigmoid(self._score(s.z, s.valid, s.pos)) if need_r else ones
+        # the incremental cache needs every position's keys/values, whatever the gate
+        logit = self._score(s) if need_r or s.cache is not None else None
+        r = torch.sigmoid(logit) if need_r else ones
         c_prev = tracker.conf_prev if tracker.conf_prev is not None else ones
         fire = (
             live & (step >= self.cfg.warmup) & (step - s.last >= self.cfg.every) & self.gate.fires(r, c_prev)
@@ -257,12 +317,14 @@ class LatentRewardSteerer(Steerer):
             if len(rows):
                 h = h.clone()
                 h[rows, -1] += dh.to(h.dtype)
-                s.z[rows, -1] = self._encode(h[rows, -1])
+                s.set_newest(rows, self._encode(h[rows, -1]))
                 s.last[rows] = step
                 s.steers[rows] += 1
                 norms = dh.float().norm(dim=-1)
                 s.dh_norm[rows] += norms
                 dh_rows[rows] = norms
+        if s.cache is not None:
+            self._commit(s, rows if len(rows) else None)
         if self.log_events:
             r_, c_, d_ = r.tolist(), c_prev.tolist(), dh_rows.tolist()
             for b in live.nonzero().flatten().tolist():
@@ -271,9 +333,30 @@ class LatentRewardSteerer(Steerer):
                 )
         return replace_layer_output(output, h) if len(rows) else None
 
-    def _score(self, z, valid, pos) -> torch.Tensor:
+    def _score(self, s: _BatchState) -> torch.Tensor:
+        """Reward logit [B] of each row's newest latent. Incremental (causal): one position through the cached
+        window, its keys/values kept in ``s.kv`` for :meth:`_commit`; else the full window (mlp, bidirectional)."""
         with torch.no_grad():
-            return self.reward.score_last(z, valid, pos).float()
+            if s.cache is None:
+                return self.reward.score_last(s.z, s.valid, s.pos).float()
+            s.check_pending()
+            logit, s.kv = self.reward.score_step(s.newest(), s.cache, self._positions(s, s.batch))
+            return logit.float()
+
+    def _positions(self, s: _BatchState, n: int) -> torch.Tensor:
+        return torch.full((n,), s.step, dtype=torch.long, device=s.cache.valid.device)
+
+    def _commit(self, s: _BatchState, rows: torch.Tensor | None = None) -> None:
+        """Append the newest position to the cache; ``rows`` were steered: their keys/values are recomputed from
+        the steered latent first (the next tokens see the corrected state, as the full-window path does)."""
+        s.check_pending()
+        with torch.no_grad():
+            if rows is not None:
+                sub = s.cache if len(rows) == s.batch else s.cache.select(rows)
+                _, kv = self.reward.score_step(s.newest(rows), sub, self._positions(s, len(rows)))
+                s.kv[:, :, rows] = kv
+        s.cache.append(s.kv)
+        s.kv = None
 
     def _matched_random(self, z0: torch.Tensor, dz: torch.Tensor, dh: torch.Tensor, h: torch.Tensor):
         """The matched control: a random unit direction *in latent space* with LRS's |dz|, decoded through the
@@ -287,20 +370,8 @@ class LatentRewardSteerer(Steerer):
         self, s: _BatchState, rows: torch.Tensor, h_rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K normalised ascent steps on the reward logit for the gated rows; returns (dh, finite mask)."""
-        hist, valid, pos = s.z[rows].clone(), s.valid[rows], s.pos[rows]
-        z0 = hist[:, -1].clone()
-        zk = z0.clone()
-        ok = torch.ones(len(rows), dtype=torch.bool, device=z0.device)
-        with torch.enable_grad():
-            for _ in range(self.cfg.k):
-                zk = zk.detach().requires_grad_(True)
-                hist_k = torch.cat([hist[:, :-1], zk.unsqueeze(1)], dim=1)
-                logit = self.reward.score_last(hist_k, valid, pos)
-                (g,) = torch.autograd.grad(logit.sum(), zk)
-                norm = g.norm(dim=-1, keepdim=True)
-                good = torch.isfinite(norm).squeeze(-1) & (norm.squeeze(-1) > 0)
-                ok &= good
-                zk = zk.detach() + self.cfg.alpha * torch.where(good[:, None], g / norm.clamp_min(1e-12), 0.0)
+        z0 = s.newest(rows).clone()
+        zk, ok = self._ascend(s, rows, z0)
         dz = zk - z0
         if self.cfg.max_dz is not None:
             n = dz.norm(dim=-1, keepdim=True)
@@ -310,3 +381,36 @@ class LatentRewardSteerer(Steerer):
             dh = self._matched_random(z0, dz, dh, h_rows.float())
         ok &= torch.isfinite(dh).all(dim=-1)
         return dh.to(h_rows.dtype), ok
+
+    def _ascend(
+        self, s: _BatchState, rows: torch.Tensor, z0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K gradient steps from the newest latents ``z0`` of ``rows``; returns (z_K, finite mask).
+
+        Incremental: only the newest position's own path depends on its latent (older positions' cached
+        keys/values do not), so each step is one position forward and backward. Else the full window."""
+        if s.cache is not None:
+            s.check_pending()
+            sub = s.cache if len(rows) == s.batch else s.cache.select(rows)
+            pos = self._positions(s, len(rows))
+
+            def logit_of(z):
+                return self.reward.score_step(z, sub, pos)[0]
+
+        else:
+            hist, valid, pos = s.z[rows], s.valid[rows], s.pos[rows]
+
+            def logit_of(z):
+                return self.reward.score_last(torch.cat([hist[:, :-1], z.unsqueeze(1)], dim=1), valid, pos)
+
+        zk = z0.clone()
+        ok = torch.ones(len(rows), dtype=torch.bool, device=z0.device)
+        with torch.enable_grad():
+            for _ in range(self.cfg.k):
+                zk = zk.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(logit_of(zk).sum(), zk)
+                norm = g.norm(dim=-1, keepdim=True)
+                good = torch.isfinite(norm).squeeze(-1) & (norm.squeeze(-1) > 0)
+                ok &= good
+                zk = zk.detach() + self.cfg.alpha * torch.where(good[:, None], g / norm.clamp_min(1e-12), 0.0)
+        return zk.detach(), ok

@@ -15,8 +15,8 @@ from lrs.errors import LRSError
 class Method:
     """One evaluation method.
 
-    ``steerer`` is ``None`` (prompting only), ``"latent"`` (:class:`~lrs.steering.latent.LatentRewardSteerer`)
-    or ``"vector"`` (a fixed steering vector such as diffmean); ``gate`` and ``control`` configure the latent
+    ``steerer`` is ``None`` (prompting only), ``"latent"`` (:class:`~lrs.steering.latent.LatentRewardSteerer`),
+    ``"vector"`` (diffmean, built from the run's traces) or ``"file"`` (a saved ``SteeringVectors`` artefact); ``gate`` and ``control`` configure the latent
     steerer; ``tuned`` names the settings ``lrs tune`` chooses for it on dev.
     """
 
@@ -47,13 +47,16 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "random",
-            "control: LRS's gate and |dh|, random direction",
+            "matched control: LRS's gate, |dz| and |dh|, a random direction in latent space",
             steerer="latent",
             control="random",
             tuned=("k", "alpha", "tau_r", "tau_c"),
         ),
         Method(
             "diffmean", "difference-of-means vector added at every token", steerer="vector", tuned=("alpha",)
+        ),
+        Method(
+            "vectors", "steering vectors from a file (e.g. RL-trained by lrs train-vectors)", steerer="file"
         ),
     )
 }

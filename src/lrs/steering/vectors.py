@@ -22,7 +22,11 @@ FORMAT = "lrs.steering-vectors/1"
 
 
 class SteeringVectors(Steerer):
-    """``alpha * vectors[L]`` added to the output of block ``L`` at each generated token (never the prompt)."""
+    """``alpha * vectors[L]`` added to the output of block ``L`` at each generated token.
+
+    ``positions="all"`` also adds it at every prompt position, as a bias on the MLP's ``down_proj`` does: the
+    setting RL-trained bias vectors were trained with (it is read from their provenance).
+    """
 
     needs_confidence = False  # no gate: skip the per-step softmax over the vocabulary
 
@@ -33,8 +37,13 @@ class SteeringVectors(Steerer):
         *,
         source: str = "diffmean",
         provenance: dict | None = None,
+        positions: str | None = None,
     ):
         super().__init__()
+        prov = provenance or {}
+        self.positions = positions or prov.get("positions") or "generated"
+        if self.positions not in ("generated", "all"):
+            raise LRSError(f"steering vector positions must be 'generated' or 'all', got {self.positions!r}")
         if not vectors:
             raise LRSError("steering vectors need at least one layer")
         if alpha != alpha or alpha in (float("inf"), float("-inf")):
@@ -53,7 +62,13 @@ class SteeringVectors(Steerer):
 
     def scaled(self, alpha: float) -> SteeringVectors:
         """The same vectors with another scale (for sweeps: the 'fractional reasoning' knob)."""
-        return SteeringVectors(dict(self.vectors), alpha, source=self.source, provenance=self.provenance)
+        return SteeringVectors(
+            dict(self.vectors),
+            alpha,
+            source=self.source,
+            provenance=self.provenance,
+            positions=self.positions,
+        )
 
     @classmethod
     def from_traces(cls, traces, layer: int, alpha: float = 1.0) -> SteeringVectors:
@@ -81,6 +96,7 @@ class SteeringVectors(Steerer):
     def fingerprint(self) -> dict:
         return dict(
             kind="vectors",
+            positions=self.positions,
             alpha=self.alpha,
             source=self.source,
             vectors=tensor_hash({f"layer.{L}": v for L, v in self.vectors.items()}),
@@ -92,7 +108,9 @@ class SteeringVectors(Steerer):
             path,
             {f"layer.{L}": v for L, v in self.vectors.items()},
             format=FORMAT,
-            config=dict(alpha=self.alpha, source=self.source, layers=sorted(self.vectors)),
+            config=dict(
+                alpha=self.alpha, source=self.source, layers=sorted(self.vectors), positions=self.positions
+            ),
             provenance=self.provenance,
         )
 
@@ -103,7 +121,11 @@ class SteeringVectors(Steerer):
         vecs = {int(k.split(".")[1]): v for k, v in tensors.items()}
         c = meta["config"]
         return SteeringVectors(
-            vecs, c.get("alpha", 1.0), source=c.get("source", "?"), provenance=meta.get("provenance")
+            vecs,
+            c.get("alpha", 1.0),
+            source=c.get("source", "?"),
+            provenance=meta.get("provenance"),
+            positions=c.get("positions"),
         )
 
     def context(self, batch: int | None, indices: list[int] | None, tracker: DecodeTracker):
@@ -129,6 +151,11 @@ class SteeringVectors(Steerer):
                     if L == self.layer:
                         self._store(state.pop("steps", None), indices)
                         state["steps"] = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+                    if (
+                        self.positions == "all"
+                    ):  # a bias: every prompt position too (padding is masked anyway)
+                        v = (self.alpha * self.vectors[L]).to(device=h.device, dtype=h.dtype)
+                        return replace_layer_output(output, h + v)
                     return None
                 h = h.clone()
                 v = (self.alpha * self.vectors[L]).to(device=h.device, dtype=h.dtype)
