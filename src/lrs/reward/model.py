@@ -84,6 +84,34 @@ class RewardConfig:
             )
 
 
+@dataclass
+class RewardCache:
+    """Per-row state of incremental causal scoring: each layer's keys/values of the last ``layer_window``
+    positions (a ring: position j sits in slot j mod layer_window; older positions cannot reach new ones) and
+    which of them are valid. Build with :meth:`RewardModel.new_cache`; advance with :meth:`append`."""
+
+    k: torch.Tensor  # [L, B, H, Lw, d/H]
+    v: torch.Tensor  # [L, B, H, Lw, d/H]
+    valid: torch.Tensor  # [B, Lw] bool
+    n: int = 0  # positions appended so far (the same for every row)
+
+    @property
+    def window(self) -> int:
+        return self.valid.shape[1]
+
+    def append(self, kv: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Store one new position per row (the keys/values [2, L, B, H, d/H] from :meth:`RewardModel.score_step`)."""
+        slot = self.n % self.window
+        self.k[:, :, :, slot] = kv[0].detach()
+        self.v[:, :, :, slot] = kv[1].detach()
+        self.valid[:, slot] = True if valid is None else valid
+        self.n += 1
+
+    def select(self, rows: torch.Tensor) -> RewardCache:
+        """A copy holding only ``rows`` (index tensor)."""
+        return RewardCache(self.k[:, rows], self.v[:, rows], self.valid[rows], self.n)
+
+
 class RewardModel(nn.Module):
     """Latents [B,T,n] -> per-position reward logits [B,T]; standardises its inputs with stored train statistics."""
 
@@ -136,6 +164,15 @@ class RewardModel(nn.Module):
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=valid.device)
         return (~allowed).repeat_interleave(self.cfg.n_heads, dim=0)
 
+    def _embed(self, z: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Standardised latents (zero at invalid positions) through the input layer, plus the position feature."""
+        x = (z.to(self.z_mean.dtype) - self.z_mean) / self.z_std
+        x = torch.where(valid[..., None], x, torch.zeros_like(x))
+        f = torch.log1p(positions.to(x.dtype).clamp_min(0)) / math.log1p(self.cfg.max_len)
+        if not self.cfg.use_position:
+            f = torch.zeros_like(f)
+        return self.inp(x) + self.pos(f[..., None])
+
     def forward(
         self, z: torch.Tensor, valid: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -144,12 +181,7 @@ class RewardModel(nn.Module):
             valid = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
         if positions is None:
             positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-        x = (z.to(self.z_mean.dtype) - self.z_mean) / self.z_std
-        x = torch.where(valid[..., None], x, torch.zeros_like(x))
-        f = torch.log1p(positions.to(x.dtype).clamp_min(0)) / math.log1p(self.cfg.max_len)
-        if not self.cfg.use_position:
-            f = torch.zeros_like(f)
-        x = self.inp(x) + self.pos(f[..., None])
+        x = self._embed(z, valid, positions)
         if self.cfg.kind == "mlp":
             x = self.drop(F.gelu(x))
         else:
@@ -165,6 +197,86 @@ class RewardModel(nn.Module):
         cols = torch.arange(valid.shape[1], device=valid.device)
         last = torch.where(valid, cols, torch.zeros_like(cols)).amax(1)
         return logits.gather(1, last[:, None]).squeeze(1)
+
+    # ---- incremental scoring (causal kind) ----------------------------------------------------------------
+    @property
+    def incremental(self) -> bool:
+        """Whether :meth:`score_step` applies: the causal kind in eval mode (dropout off)."""
+        return self.cfg.kind == "causal" and not self.training
+
+    def new_cache(self, batch: int, device: torch.device | str | None = None) -> RewardCache:
+        """An empty :class:`RewardCache` for ``batch`` rows (on the model's device unless told)."""
+        if self.cfg.kind != "causal":
+            raise LRSError(f"incremental scoring needs a causal reward model, not '{self.cfg.kind}'")
+        H = self.cfg.n_heads
+        w = self.head.weight
+        shape = (self.cfg.n_layers, batch, H, self.layer_window, self.cfg.d_model // H)
+        dev = w.device if device is None else torch.device(device)
+        return RewardCache(
+            torch.zeros(shape, dtype=w.dtype, device=dev),
+            torch.zeros(shape, dtype=w.dtype, device=dev),
+            torch.zeros(batch, self.layer_window, dtype=torch.bool, device=dev),
+        )
+
+    def score_step(
+        self,
+        z: torch.Tensor,
+        cache: RewardCache,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logit [B] of one new position per row (latents ``z`` [B,n], absolute token indices ``positions`` [B]),
+        given the cached keys/values of the positions before it, at constant cost per position.
+
+        Returns the logit and the new position's per-layer keys/values [2, L, B, H, d/H]; pass them to
+        :meth:`RewardCache.append` to advance the cache (the cache itself is not changed, so the logit can be
+        differentiated in ``z`` and re-evaluated). The logit equals :meth:`forward` over the whole sequence at
+        that position (float tolerance), padding positions (``valid`` False) included: only the new position's
+        own path depends on ``z``.
+        """
+        if not self.incremental:
+            raise LRSError("score_step needs a causal reward model in eval mode (call .eval())")
+        if valid is None:
+            valid = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        x = self._embed(z, valid, positions)
+        here = torch.arange(cache.window, device=x.device) == cache.n % cache.window  # the slot it replaces
+        # [B, 1, 1, Lw] keys it attends to: the valid ones, and always itself (as in forward's mask)
+        seen = (cache.valid | here)[:, None, None, :]
+        ks, vs = [], []
+        for i, layer in enumerate(self.body.layers):
+            x, k, v = self._layer_step(layer, x, cache.k[i], cache.v[i], here, seen)
+            ks.append(k)
+            vs.append(v)
+        if self.body.norm is not None:
+            x = self.body.norm(x)
+        return self.head(x).squeeze(-1), torch.stack([torch.stack(ks), torch.stack(vs)])
+
+    def _layer_step(self, layer, x, k_cache, v_cache, here, seen):
+        """One norm-first encoder layer (eval mode) for one new position attending to its cached window."""
+        B, d = x.shape
+        H = self.cfg.n_heads
+        attn = layer.self_attn
+        qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(B, 3, H, d // H).unbind(1)  # [B, H, dh] each
+        K = torch.where(here[:, None], k[:, :, None], k_cache)  # [B, H, Lw, dh]: the new key in its slot
+        V = torch.where(here[:, None], v[:, :, None], v_cache)
+        o = F.scaled_dot_product_attention(q[:, :, None], K, V, attn_mask=seen).reshape(B, d)
+        x = x + attn.out_proj(o)
+        x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        return x, k, v
+
+    def score_next(
+        self,
+        z: torch.Tensor,
+        cache: RewardCache,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`score_step` then append the new position to ``cache``; returns the logits [B] (no gradient)."""
+        with torch.no_grad():
+            logit, kv = self.score_step(z, cache, positions, valid)
+        cache.append(kv, valid)
+        return logit
 
     def config(self) -> dict:
         """Everything needed to rebuild the module (saved in the JSON sidecar)."""

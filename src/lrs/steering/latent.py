@@ -3,7 +3,9 @@
 A forward hook on decoder block L reads the current token's state h (one row per sequence), encodes it,
 scores the row's latent history with the reward model, and where the gate fires takes K normalised
 gradient-ascent steps on the reward logit in latent space; the decoded change is added to h at the current
-position only. Prompt positions (the prefill call), padding and finished rows are never touched. The KV
+position only. A causal reward model is scored incrementally (its per-layer keys/values over the window are
+cached per row, so a token costs one position, and the gradient steps run through the newest position's own
+path only); the scores equal the full-window ones, which equal the training-time ones. Prompt positions (the prefill call), padding and finished rows are never touched. The KV
 cache stays on, so the corrected state flows into the cache of the layers above L. Every per-row tensor
 (latent history, gate, gradient) lives on the model's device; nothing is copied to the host per token
 unless events are logged.
