@@ -208,13 +208,35 @@ def test_no_import_cycles_in_the_package():
 
 def test_train_vectors_then_evaluate_them_from_the_cli(run, tmp_path, capsys):
     common = [*run["common"][:-1], str(tmp_path / "rl-run")]
-    argv = ["train-vectors", *common, "--task", "arith", "--limit", "8", "--steps", "2", "--prompts-per-step", "2"]
+    argv = [
+        "train-vectors",
+        *common,
+        "--task",
+        "arith",
+        "--limit",
+        "8",
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+    ]
     assert main([*argv, "--k", "2", "--max-new-tokens", "8", "--checkpoint-every", "1"]) == 0
     out = capsys.readouterr().out
     assert "trained bias (verifier) for 2 steps" in out
     vec = tmp_path / "rl-run" / "rl" / "bias-verifier" / "vectors.safetensors"
     assert vec.exists() and (tmp_path / "rl-run" / "rl" / "bias-verifier" / "train_log.jsonl").exists()
-    ev = ["eval", *common, "--method", "vectors", "--vectors", str(vec), "--limit", "2", "--max-new-tokens", "6"]
+    ev = [
+        "eval",
+        *common,
+        "--method",
+        "vectors",
+        "--vectors",
+        str(vec),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ]
     assert main(ev) == 0
     s = json.loads((tmp_path / "rl-run" / "eval" / "arith" / "test" / "vectors.summary.json").read_text())
     assert s["steering"]["source"] == "rl" and s["key_parts"]["steerer"]["positions"] == "all"

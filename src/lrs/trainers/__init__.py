@@ -4,12 +4,14 @@
 - :mod:`lrs.trainers.params`: what is trained (fp32 bias vectors via forward hooks, or PEFT LoRA)
 - :mod:`lrs.trainers.objectives`: verifier / LaTRO rewards, advantages, losses (plain tensor functions)
 - :mod:`lrs.trainers.rl`: :func:`train` (sample, reward, advantages, micro-batched backward, AdamW; resumable)
-- :mod:`lrs.trainers.analysis`: per-layer norms, logit lens, norm-matched random control
+- :mod:`lrs.trainers.checkpoint`: resumable checkpoints and the JSONL log
+- :mod:`lrs.trainers.analysis`: per-layer norms, logit lens, norm-matched random control, training curves
 
 RL_METHODS.md §4 explains why this is an own loop rather than TRL.
 """
 
-from lrs.trainers.analysis import final_norm, layer_norms, logit_lens, matched_random_vectors
+from lrs.trainers.analysis import final_norm, layer_norms, logit_lens, matched_random_vectors, plot_curves
+from lrs.trainers.checkpoint import load_checkpoint, read_log, save_checkpoint
 from lrs.trainers.config import TrainConfig
 from lrs.trainers.objectives import (
     advantages,
@@ -22,8 +24,6 @@ from lrs.trainers.objectives import (
 from lrs.trainers.params import BiasVectors, LoraAdapters, make_params
 from lrs.trainers.rl import (
     TrainResult,
-    plot_curves,
-    read_log,
     split_rationale,
     step_problems,
     token_logprobs,
@@ -47,6 +47,8 @@ __all__ = [
     "split_rationale",
     "step_problems",
     "read_log",
+    "save_checkpoint",
+    "load_checkpoint",
     "plot_curves",
     "layer_norms",
     "logit_lens",

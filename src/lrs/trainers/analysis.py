@@ -1,4 +1,4 @@
-"""Reading trained vectors: per-layer norms, a logit lens per layer, and a norm-matched random control.
+"""Reading trained vectors (per-layer norms, logit lens per layer, norm-matched random control) and training curves.
 
 The logit lens follows seed 004's ``metrics/logit_lens.py`` (RL_METHODS.md §1.6): for each layer's vector v,
 the tokens whose unembedding rows W_U[t] have the largest dot product with v (what v alone adds to the logits)
@@ -7,6 +7,8 @@ itself, as the paper does; "norm" first passes v through the model's final norm,
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,39 @@ def matched_random_vectors(vectors: Vectors, seed: int = 0) -> SteeringVectors:
     if isinstance(vectors, SteeringVectors):
         prov["control_of"] = vectors.fingerprint()["vectors"]
     return SteeringVectors(out, alpha, source="rl-random", provenance=prov)
+
+
+def plot_curves(log: list[dict], path: str | Path) -> Path | None:
+    """Training curves (reward, pass rate, length / truncation, KL, parameter norm) as one PNG."""
+    if not log:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in log]
+    panels = [
+        ("reward", ["reward_mean"]),
+        ("pass / finished rate", ["pass_rate", "finished_rate", "trunc_rate"]),
+        ("mean generated tokens", ["mean_len"]),
+        ("KL to the frozen model", ["kl"]),
+        ("parameter norm", ["param_norm"]),
+        ("zero-variance groups", ["zero_var_groups"]),
+    ]
+    fig = Figure(figsize=(12, 6.5))
+    FigureCanvasAgg(fig)
+    for n, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, n + 1)
+        for key in keys:
+            pts = [(s, r.get(key)) for s, r in zip(steps, log, strict=True) if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
+    return path

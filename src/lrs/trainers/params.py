@@ -44,6 +44,24 @@ class BiasVectors(nn.Module):
         self.enabled = True
         self._handles = [blocks[L].register_forward_hook(self._hook(i)) for i, L in enumerate(self.layers)]
 
+    @classmethod
+    def from_vectors(
+        cls, model: nn.Module, vectors: dict[int, torch.Tensor], alpha: float = 1.0
+    ) -> BiasVectors:
+        """Fixed vectors (e.g. a loaded artefact's ``.vectors``) applied exactly as in training: every position.
+
+        For evaluating trained vectors until :class:`~lrs.steering.vectors.SteeringVectors` can apply at all
+        positions; call :meth:`close` (or use ``contextlib.closing``) to remove them.
+        """
+        bias = cls(model, sorted(vectors))
+        if len(bias.layers) != len(vectors):
+            raise LRSError("two vectors resolve to the same decoder layer")
+        with torch.no_grad():
+            for i, L in enumerate(sorted(vectors)):
+                bias.vectors[i].copy_(alpha * vectors[L].float())
+        bias.vectors.requires_grad_(False)
+        return bias
+
     def _hook(self, i: int):
         def hook(module, args, output):
             if not self.enabled:

@@ -33,13 +33,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrs.artifacts import atomic_write_json, atomic_write_text, load_artifact, save_artifact
+from lrs.artifacts import atomic_write_json, atomic_write_text
 from lrs.errors import LRSError
 from lrs.generation import Generation, eos_ids, generate
 from lrs.models import check_budget, model_fingerprint, model_name
 from lrs.runs import check_dir_target, exclusive
 from lrs.steering.vectors import SteeringVectors
 from lrs.tasks import Problem, build_prompts
+from lrs.trainers.analysis import plot_curves
+from lrs.trainers.checkpoint import load_checkpoint, read_log, save_checkpoint
 from lrs.trainers.config import TrainConfig
 from lrs.trainers.objectives import (
     advantages,
@@ -51,8 +53,6 @@ from lrs.trainers.objectives import (
 )
 from lrs.trainers.params import BiasVectors, make_params
 
-CKPT_FORMAT = "lrs.rl-checkpoint/1"
-RESUMABLE = ("steps", "out", "checkpoint_every")  # settings a resumed run may change
 RewardFn = Callable[[list[Problem], list[Generation]], list[float]]
 
 
@@ -151,81 +151,6 @@ def split_rationale(
     return body[: max(lo - 1, 0)], True
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _ckpt_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def save_checkpoint(out: Path, step: int, named, opt, cfg: TrainConfig, model) -> Path:
-    """Parameters, AdamW state and torch RNG after ``step`` updates; ``latest.json`` is switched last."""
-    tensors = {f"param.{n}": p.detach() for n, p in named}
-    for i, st in opt.state_dict()["state"].items():
-        for key, v in st.items():
-            tensors[f"opt.{i}.{key}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    path = _ckpt_dir(out) / f"step-{step:06d}.safetensors"
-    prov = dict(model=model_name(model), model_fingerprint=model_fingerprint(model))
-    save_artifact(
-        path, tensors, format=CKPT_FORMAT, config=dict(step=step, train=asdict(cfg)), provenance=prov
-    )
-    atomic_write_json(_ckpt_dir(out) / "latest.json", dict(step=step, path=path.name))
-    for old in sorted(_ckpt_dir(out).glob("step-*.safetensors"))[:-2]:  # keep this one and the one before
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(out: Path, named, opt, cfg: TrainConfig, model) -> int:
-    """Restore the newest checkpoint in ``out`` (refusing a different config or model); returns its step."""
-    latest = _ckpt_dir(out) / "latest.json"
-    if not latest.is_file():
-        return 0
-    try:
-        name = json.loads(latest.read_text())["path"]
-    except (ValueError, KeyError, TypeError):
-        raise LRSError(f"{latest}: not a checkpoint pointer; delete {_ckpt_dir(out)} to start over") from None
-    tensors, meta = load_artifact(_ckpt_dir(out) / name, format=CKPT_FORMAT, what="training checkpoint")
-    saved, now = meta["config"]["train"], asdict(cfg)
-    diff = sorted(k for k in now if k not in RESUMABLE and saved.get(k) != now[k])
-    if diff:
-        what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-        raise LRSError(f"{out} holds a run with other settings ({what}): use another directory")
-    if meta["provenance"].get("model_fingerprint") != model_fingerprint(model):
-        raise LRSError(
-            f"{out} was trained on another model ({meta['provenance'].get('model')}): use another directory"
-        )
-    with torch.no_grad():
-        for n, p in named:
-            if f"param.{n}" not in tensors:
-                raise LRSError(f"checkpoint {name} has no parameter '{n}': use another directory")
-            p.copy_(tensors[f"param.{n}"])
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict(dict(state=state, param_groups=opt.state_dict()["param_groups"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["config"]["step"])
-
-
-def read_log(path: Path, upto: int | None = None) -> list[dict]:
-    """The JSONL log (lines for steps <= ``upto``; a torn last line from a kill is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if upto is None or rec.get("step", 0) <= upto:
-            out.append(rec)
-    return out
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -284,6 +209,34 @@ class _Trainer:
         zmask = torch.arange(lp.shape[1], device=lp.device)[None, :] < n_c[:, None]
         return lp, zmask.float(), (valid & ~zmask).float()
 
+    def rewards(
+        self, rows: list[int], gens: list[Generation], rolls: list[Rollout], rec: dict
+    ) -> torch.Tensor:
+        """Per-rollout rewards (KL-in-reward included); adds reward-side metrics to ``rec``."""
+        cfg = self.cfg
+        rec["kl"] = None
+        if cfg.objective == "latro":
+            lpz, lpy = self.sums(rolls)
+            ref = self.sums(rolls, reference=True)[0] if cfg.latro_beta > 0 else lpz
+            fin = torch.tensor([r.finished for r in rolls])
+            rec.update(logp_y=float(lpy.mean()), logp_z=float(lpz.mean()), pass_rate=None)
+            if cfg.latro_beta > 0:
+                rec["kl"] = float((lpz - ref).mean())
+            return latro_rewards(lpy, lpz, ref, fin, cfg.latro_gamma, cfg.latro_beta)
+        if self.reward_fn is not None:
+            rewards = torch.tensor([float(r) for r in self.reward_fn([self.problems[i] for i in rows], gens)])
+            rec["pass_rate"] = None
+        else:
+            vals, correct = verifier_rewards([g.text for g in gens], [self.problems[i].answer for i in rows])
+            rewards = torch.tensor(vals)
+            rec["pass_rate"] = sum(correct) / len(correct)
+        rec["reward_raw"] = float(rewards.mean())
+        if cfg.kl_coef > 0 and cfg.kl_mode == "reward":
+            lpc, ref = self.sums(rolls)[0], self.sums(rolls, reference=True)[0]
+            rec["kl"] = float((lpc - ref).mean())
+            rewards = rewards - cfg.kl_coef * (lpc - ref)
+        return rewards
+
     def step(self, step: int) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         idx = step_problems(len(self.problems), cfg.prompts_per_step, step, cfg.seed)
@@ -301,31 +254,7 @@ class _Trainer:
         t1 = time.perf_counter()
         rolls = self.rollouts(idx, gens)
         rec: dict = dict(step=step + 1, lr=self.lr_at(step))
-        kl_seq = None
-        if cfg.objective == "latro":
-            lpz, lpy = self.sums(rolls)
-            ref = self.sums(rolls, reference=True)[0] if cfg.latro_beta > 0 else lpz
-            fin = torch.tensor([r.finished for r in rolls])
-            rewards = latro_rewards(lpy, lpz, ref, fin, cfg.latro_gamma, cfg.latro_beta)
-            rec.update(logp_y=float(lpy.mean()), logp_z=float(lpz.mean()), pass_rate=None)
-            kl_seq = float((lpz - ref).mean()) if cfg.latro_beta > 0 else None
-        else:
-            if self.reward_fn is not None:
-                rewards = torch.tensor(
-                    [float(r) for r in self.reward_fn([self.problems[i] for i in rows], gens)]
-                )
-                rec["pass_rate"] = None
-            else:
-                vals, correct = verifier_rewards(
-                    [g.text for g in gens], [self.problems[i].answer for i in rows]
-                )
-                rewards = torch.tensor(vals)
-                rec["pass_rate"] = sum(correct) / len(correct)
-            rec["reward_raw"] = float(rewards.mean())
-            if cfg.kl_coef > 0 and cfg.kl_mode == "reward":
-                lpc, ref = self.sums(rolls)[0], self.sums(rolls, reference=True)[0]
-                kl_seq = float((lpc - ref).mean())
-                rewards = rewards - cfg.kl_coef * (lpc - ref)
+        rewards = self.rewards(rows, gens, rolls, rec)
         t2 = time.perf_counter()
         adv = advantages(rewards.view(-1, cfg.k), cfg.advantage).view(-1)
         zero = (adv.view(-1, cfg.k) == 0).all(1)
@@ -346,8 +275,9 @@ class _Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         n_tok = sum(r.generated for r in rolls)
-        if cfg.kl_coef > 0 and cfg.kl_mode == "loss":
-            kl_seq = k1_sum / max(1, len(active))
+        kl_loss = cfg.kl_coef > 0 and cfg.kl_mode == "loss"
+        if kl_loss:
+            rec["kl"] = k1_sum / max(1, len(active))
         norms = self.params.layer_norms()
         rec.update(
             reward_mean=float(rewards.mean()),
@@ -358,10 +288,7 @@ class _Trainer:
             mean_len=n_tok / len(rolls),
             trunc_rate=sum(not g.finished for g in gens) / len(gens),
             finished_rate=sum(r.finished for r in rolls) / len(rolls),
-            kl=kl_seq,
-            k3=k3_sum / max(1, sum(len(rolls[i].completion) for i in active))
-            if cfg.kl_coef > 0 and cfg.kl_mode == "loss"
-            else None,
+            k3=k3_sum / max(1, sum(len(rolls[i].completion) for i in active)) if kl_loss else None,
             loss=loss,
             grad_norm=grad_norm,
             param_norm=math.sqrt(sum(v * v for v in norms.values())),
@@ -498,48 +425,8 @@ def train(
                     )
                     if on_step is not None:
                         on_step(rec)
-            bar.close()
             artefact, vectors = tr.finish(log)
         finally:
             tr.params.close()
     peft = getattr(tr.params, "peft", None)
     return TrainResult(out, cfg.steps, artefact, vectors, peft if peft is not None else model, log)
-
-
-# ---------------------------------------------------------------- curves
-
-
-def plot_curves(log: list[dict], path: str | Path) -> Path | None:
-    """Training curves (reward, pass rate, length / truncation, KL, parameter norm) as one PNG."""
-    if not log:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps = [r["step"] for r in log]
-    panels = [
-        ("reward", ["reward_mean"]),
-        ("pass / finished rate", ["pass_rate", "finished_rate", "trunc_rate"]),
-        ("mean generated tokens", ["mean_len"]),
-        ("KL to the frozen model", ["kl"]),
-        ("parameter norm", ["param_norm"]),
-        ("zero-variance groups", ["zero_var_groups"]),
-    ]
-    fig = Figure(figsize=(12, 6.5))
-    FigureCanvasAgg(fig)
-    for n, (title, keys) in enumerate(panels):
-        ax = fig.add_subplot(2, 3, n + 1)
-        for key in keys:
-            pts = [(s, r.get(key)) for s, r in zip(steps, log, strict=True) if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=key)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
-    return path
