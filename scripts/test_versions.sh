@@ -7,6 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OLDEST_TRANSFORMERS="${OLDEST_TRANSFORMERS:-$(sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)}"
+OLDEST_PEFT="${OLDEST_PEFT:-$(sed -n 's/^test = .*"peft>=\([0-9.]*\)".*/\1/p' pyproject.toml)}"  # newer PEFT needs newer transformers
 variants=("${@:-newest oldest}")
 read -r -a variants <<< "${variants[*]}"
 status=0
@@ -19,7 +20,7 @@ for v in "${variants[@]}"; do
   $pip torch==2.13.0                       # the CPU wheel; a plain `torch` would pull a CUDA build
   case "$v" in
     newest) $pip --upgrade -e ".[test]" ;;
-    oldest) $pip -e ".[test]" "transformers==$OLDEST_TRANSFORMERS" ;;
+    oldest) $pip -e ".[test]" "transformers==$OLDEST_TRANSFORMERS" "peft==$OLDEST_PEFT" ;;
     pinned) $pip -c constraints.txt -e ".[test]" ;;
     *) echo "unknown variant $v (newest, oldest, pinned)"; exit 2 ;;
   esac

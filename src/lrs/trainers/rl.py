@@ -20,6 +20,7 @@ step), so a killed run that is resumed ends with the same parameters as an unint
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -97,6 +98,12 @@ def step_problems(n: int, per_step: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def _keep_kwarg(model: nn.Module) -> str | None:
+    """The forward() keyword that limits logits to the last N positions (renamed in transformers 4.50)."""
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+
+
 def token_logprobs(
     model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], temperature: float = 1.0, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +122,10 @@ def token_logprobs(
     for i, (p, c) in enumerate(rows):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         mask[i, : len(p) + len(c)] = 1
-    logits = model(
-        input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=S - w0, use_cache=False
-    ).logits
+    keep = {_keep_kwarg(model): S - w0} if _keep_kwarg(model) else {}
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **keep).logits
+    if logits.shape[1] != S - w0:  # a model without the option: all positions came back
+        logits = logits[:, -(S - w0) :]
     j = torch.arange(Cmax)
     pos = (P[:, None] - 1 - w0 + j).clamp(max=S - w0 - 1)  # kept logit that predicts continuation token j
     tgt = ids.gather(1, (P[:, None] + j).clamp(max=S - 1))
@@ -410,7 +418,7 @@ def train(
             bar = tqdm(
                 total=cfg.steps, initial=start, desc=f"rl {cfg.param}", unit="step", disable=not progress
             )
-            with open(log_path, "a", encoding="utf-8") as f:
+            with bar, open(log_path, "a", encoding="utf-8") as f:
                 for step in range(start, cfg.steps):
                     rec = tr.step(step)
                     log.append(rec)
