@@ -119,3 +119,33 @@ def build_trained_run(root, *, limit: int = 24, tokens: int = 40, layers: str = 
     finally:
         mp.undo()
     return dict(root=root, common=common, run=root / "run", model=str(model_dir))
+
+
+class Spy:
+    """Wraps an encoder and records every decoded delta (what the steerer promises to add)."""
+
+    def __init__(self, enc):
+        self.enc, self.deltas = enc, []
+        self.layer, self.d_model, self.n_latents, self.kind = enc.layer, enc.d_model, enc.n_latents, enc.kind
+
+    def encode(self, h):
+        return self.enc.encode(h)
+
+    def decode_delta(self, z_new, z_old, h):
+        d = self.enc.decode_delta(z_new, z_old, h)
+        self.deltas.append(d.clone())
+        return d
+
+
+class ForceToken:
+    """Logits processor: row ``row`` emits ``token`` as its generated token number ``at`` (0-based)."""
+
+    def __init__(self, prompt_len: int, row: int, at: int, token: int):
+        self.prompt_len, self.row, self.at, self.token = prompt_len, row, at, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_len + self.at:
+            scores = scores.clone()
+            scores[self.row] = float("-inf")
+            scores[self.row, self.token] = 0.0
+        return scores

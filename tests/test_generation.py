@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import ForceToken, make_model, make_tokenizer
 
 import lrs.generation
 from lrs.errors import LRSError
@@ -160,20 +160,6 @@ def test_verify_accepts_exactly_one_decode_step_per_token_after_the_first():
     for n in (5, 7, 2):
         with pytest.raises(LRSError, match="decode steps"):
             tracker.verify(n)
-
-
-class ForceToken:
-    """Logits processor: row ``row`` emits ``token`` as its generated token number ``at``."""
-
-    def __init__(self, prompt_len: int, row: int, at: int, token: int):
-        self.prompt_len, self.row, self.at, self.token = prompt_len, row, at, token
-
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] == self.prompt_len + self.at:
-            scores = scores.clone()
-            scores[self.row] = float("-inf")
-            scores[self.row, self.token] = 0.0
-        return scores
 
 
 def test_one_confidence_per_generated_token_for_every_row():

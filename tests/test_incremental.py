@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import Spy, make_model, make_tokenizer
 
 from lrs.encoders import IdentityEncoder, TopKSAE
 from lrs.generation import generate
@@ -207,20 +207,6 @@ def _setup(kind="causal"):
         for q in ["What is 2+3?", "hi", "a much longer question about numbers and apples"]
     ]
     return model, tok, enc, rm, prompts
-
-
-class Spy:
-    def __init__(self, enc):
-        self.enc, self.deltas = enc, []
-        self.layer, self.d_model, self.n_latents, self.kind = enc.layer, enc.d_model, enc.n_latents, enc.kind
-
-    def encode(self, h):
-        return self.enc.encode(h)
-
-    def decode_delta(self, z_new, z_old, h):
-        d = self.enc.decode_delta(z_new, z_old, h)
-        self.deltas.append(d.clone())
-        return d
 
 
 @pytest.mark.parametrize("gate", ["gated", "always"])

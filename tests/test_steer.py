@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import ForceToken, Spy, make_model, make_tokenizer
 from transformers import GenerationConfig
 
 import lrs.generation
@@ -41,22 +41,6 @@ def _setup(arch="qwen2", n=8, kind="causal"):
         for q in QUESTIONS
     ]
     return model, tok, enc, rm, prompts
-
-
-class Spy:
-    """Wraps an encoder and records every decoded delta (what the steerer promises to add)."""
-
-    def __init__(self, enc):
-        self.enc, self.deltas = enc, []
-        self.layer, self.d_model, self.n_latents, self.kind = enc.layer, enc.d_model, enc.n_latents, enc.kind
-
-    def encode(self, h):
-        return self.enc.encode(h)
-
-    def decode_delta(self, z_new, z_old, h):
-        d = self.enc.decode_delta(z_new, z_old, h)
-        self.deltas.append(d.clone())
-        return d
 
 
 class Capture:
@@ -259,20 +243,6 @@ def test_gate_logic():
 # ---- Steerer.apply() around plain model.generate ------------------------------------------------------------
 
 ALWAYS = SteerConfig(gate="always", warmup=0, every=1)
-
-
-class ForceToken:
-    """Logits processor: row ``row`` emits ``token`` as its generated token number ``at`` (0-based)."""
-
-    def __init__(self, prompt_len: int, row: int, at: int, token: int):
-        self.prompt_len, self.row, self.at, self.token = prompt_len, row, at, token
-
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] == self.prompt_len + self.at:
-            scores = scores.clone()
-            scores[self.row] = float("-inf")
-            scores[self.row, self.token] = 0.0
-        return scores
 
 
 def _steerer(kind, enc, rm, cfg=ALWAYS):
