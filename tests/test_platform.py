@@ -241,5 +241,11 @@ def test_train_vectors_then_evaluate_them_from_the_cli(run, tmp_path, capsys):
     s = json.loads((tmp_path / "rl-run" / "eval" / "arith" / "test" / "vectors.summary.json").read_text())
     assert s["steering"]["source"] == "rl" and s["key_parts"]["steerer"]["positions"] == "all"
     assert s["steering"]["generated_steps"] > 0
+    ev_rnd = ["eval", *common, "--method", "vectors-random", "--vectors", str(vec), "--limit", "2"]
+    assert main([*ev_rnd, "--max-new-tokens", "6"]) == 0
+    r = json.loads(
+        (tmp_path / "rl-run" / "eval" / "arith" / "test" / "vectors-random.summary.json").read_text()
+    )
+    assert r["steering"]["source"] == "rl-random" and r["key_parts"]["steerer"]["positions"] == "all"
     assert main(["eval", *common, "--method", "vectors", "--limit", "1"]) == 2
     assert "needs --vectors FILE" in capsys.readouterr().err

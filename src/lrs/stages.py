@@ -229,12 +229,16 @@ def build_steerer(method: str, model, rd: RunDir, so: SteerOverrides, tuned: dic
     m = get_method(method)
     if m.steerer is None:
         return None
-    if m.steerer == "file":
+    if m.steerer in ("file", "file-random"):
         if not so.vectors:
             raise LRSError(
                 f"--method {method} needs --vectors FILE (e.g. <run>/rl/bias-verifier/vectors.safetensors)"
             )
         sv = SteeringVectors.load(so.vectors)
+        if m.steerer == "file-random":
+            from lrs.trainers.analysis import matched_random_vectors
+
+            sv = matched_random_vectors(sv, seed=0)
         return sv.scaled(so.alpha) if so.alpha is not None else sv
     enc_path = Path(so.encoder) if so.encoder else rd.encoder
     if m.steerer == "vector":

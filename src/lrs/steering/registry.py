@@ -58,6 +58,11 @@ METHODS: dict[str, Method] = {
         Method(
             "vectors", "steering vectors from a file (e.g. RL-trained by lrs train-vectors)", steerer="file"
         ),
+        Method(
+            "vectors-random",
+            "control for --method vectors: random directions with the same per-layer norms",
+            steerer="file-random",
+        ),
     )
 }
 

@@ -154,12 +154,12 @@ class SteeringVectors(Steerer):
                     if (
                         self.positions == "all"
                     ):  # a bias: every prompt position too (padding is masked anyway)
-                        v = (self.alpha * self.vectors[L]).to(device=h.device, dtype=h.dtype)
-                        return replace_layer_output(output, h + v)
+                        v = (self.alpha * self.vectors[L]).to(h.device)
+                        return replace_layer_output(output, (h.float() + v).to(h.dtype))
                     return None
                 h = h.clone()
-                v = (self.alpha * self.vectors[L]).to(device=h.device, dtype=h.dtype)
-                h[:, -1] += v * tracker.live[:, None].to(h.dtype)
+                v = (self.alpha * self.vectors[L]).to(h.device)  # added in fp32, as the RL trainer does
+                h[:, -1] = (h[:, -1].float() + v * tracker.live[:, None].float()).to(h.dtype)
                 if L == self.layer:
                     state["steps"] += tracker.live.long()
                 return replace_layer_output(output, h)
