@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lrs.artifacts import tensor_hash
-from lrs.encoders import encoder_hash
+from lrs.encoders import check_compatible, encoder_hash
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, layer_output, replace_layer_output
 from lrs.models import decoder_layers, hidden_size, model_fingerprint
@@ -104,20 +104,18 @@ def check_pair(encoder, reward_model) -> None:
 
 def check_model(encoder, model) -> None:
     """Refuse an encoder fitted for another model width, a layer the model lacks, or another model."""
-    d = hidden_size(model)
-    if encoder.d_model != d:
-        raise LRSError(
-            f"encoder width {encoder.d_model} does not match the model's hidden size {d}: "
-            "use an encoder fitted on this model's states"
-        )
+    check_compatible(
+        encoder, hidden_size(model), None
+    )  # width (the layer is checked against the model below)
     n = len(decoder_layers(model))
     if not 0 <= encoder.layer < n:
         raise LRSError(f"the encoder reads layer {encoder.layer} but the model has {n} decoder layers")
     want = (getattr(encoder, "provenance", None) or {}).get("model_fingerprint")
-    if want and want != model_fingerprint(model):
+    have = model_fingerprint(model) if want else None
+    if want and want != have:
         raise LRSError(
-            f"the encoder was fitted on another model (fingerprint {want}, this model "
-            f"{model_fingerprint(model)}): fit an encoder on this model's traces"
+            f"the encoder was fitted on another model (fingerprint {want}, this model {have}): "
+            "fit an encoder on this model's traces"
         )
 
 
