@@ -57,6 +57,10 @@ def test_bad_budgets_and_settings_fail_before_loading_a_model(extra, fragment, c
         (["collect", "--temperature", "nan"], "--temperature must be a finite number"),
         (["train-reward", "--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
         (["fit-encoder", "--latents", "4", "--topk", "8"], "--topk 8 exceeds --latents 4"),
+        (["tune", "--methods", "lrs,cot"], "'cot' has no settings to tune"),
+        (["tune", "--methods", "lrs", "--inherit", "random"], "write METHOD=SOURCE"),
+        (["tune", "--methods", "lrs", "--inherit", "random=diffmean"], "'diffmean' is not among --methods"),
+        (["tune", "--methods", "nonsense"], "unknown method 'nonsense'"),
     ],
 )
 def test_bad_stage_settings_are_one_line(argv, fragment, capsys, tmp_path):

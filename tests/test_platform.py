@@ -96,6 +96,12 @@ def test_a_changed_encoder_never_reuses_a_cached_eval_or_tune_result(run, tmp_pa
     # all-zero dev accuracy: the tie goes to the weakest intervention (smallest alpha)
     assert t["best"]["lrs"]["alpha"] == 0.1 and t["beats_base_on_dev"]["lrs"] is None  # tiny grid: no base
     assert main([*ev, "--tuned"]) == 0
+    # tune only lrs; the matched control takes lrs's choice instead of its own grid
+    shutil.rmtree(tmp_path / "run2" / "tune")
+    assert main([*tune, "--methods", "lrs", "--inherit", "random=lrs"]) == 0
+    t = json.loads(next((tmp_path / "run2" / "tune").glob("*/tune.json")).read_text())
+    assert {r["method"] for r in t["runs"]} == {"lrs"}
+    assert set(t["best"]) == {"lrs", "random"} and t["best"]["random"] == t["best"]["lrs"]
 
 
 def test_tuned_without_a_tune_for_these_artefacts_is_one_line(run, tmp_path, capsys):

@@ -244,10 +244,13 @@ def cmd_tune(args) -> None:
     from lrs import stages
 
     rd, tc, gc = _rd(args), build(C.TaskConfig, args), build(C.GenConfig, args)
+    tcfg = build(C.TuneConfig, args)
     dev = stages.problems(tc, split="dev")
     model, tok = stages.load(build(C.ModelConfig, args))
     so = C.SteerOverrides(encoder=args.encoder, reward=args.reward)
-    res = stages.tune(model, tok, dev, rd, args.grid, gc, so)
+    res = stages.tune(
+        model, tok, dev, rd, tcfg.grid, gc, so, methods=tcfg.method_list(), inherit=tcfg.inherit_map()
+    )
     print(f"chosen on dev (n={res['n']}): {res['best']}")
     print(f"saved: {rd.tune_file(res['artefact_key'])}")
 

@@ -172,6 +172,45 @@ class TuneConfig:
     """Choose steering settings on the dev split."""
 
     grid: str = opt("small", "size of the grid", choices=("tiny", "small", "full"))
+    methods: str = opt(
+        "lrs,lrs-basic,random,diffmean", "comma-separated methods to tune, each on its own grid"
+    )
+    inherit: str = opt(
+        "", "methods that take another's choice instead of a grid, e.g. 'random=lrs,lrs-basic=lrs'"
+    )
+
+    def method_list(self) -> tuple[str, ...]:
+        """``methods`` as a tuple, empty entries dropped."""
+        return tuple(m.strip() for m in self.methods.split(",") if m.strip())
+
+    def inherit_map(self) -> dict[str, str]:
+        """``inherit`` as ``{method: source}``; one-line error on a malformed entry."""
+        out: dict[str, str] = {}
+        for item in (s.strip() for s in self.inherit.split(",")):
+            if not item:
+                continue
+            name, eq, src = item.partition("=")
+            if not eq or not name.strip() or not src.strip():
+                raise LRSError(f"--inherit '{item}': write METHOD=SOURCE, e.g. random=lrs")
+            out[name.strip()] = src.strip()
+        return out
+
+    def __post_init__(self) -> None:
+        from lrs.steering.registry import get_method
+
+        methods, inherit = self.method_list(), self.inherit_map()
+        if not methods:
+            raise LRSError("--methods: name at least one method to tune")
+        for m in (*methods, *inherit):
+            if get_method(m).steerer is None:
+                raise LRSError(f"--methods/--inherit: '{m}' has no settings to tune")
+        for name, src in inherit.items():
+            if src not in methods:
+                raise LRSError(
+                    f"--inherit {name}={src}: '{src}' is not among --methods ({', '.join(methods)})"
+                )
+            if name in methods:
+                raise LRSError(f"--inherit {name}={src}: '{name}' is tuned itself; drop it from --methods")
 
 
 def _flag(name: str) -> str:
