@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(r, C.TaskConfig, skip=("limit", "split_seed", "question_field", "answer_field"))
     add_config(r, C.ModelConfig)
     _run_flag(r)
+
+    from lrs.analysis.cli import add_cli as add_analysis_cli
+    from lrs.integrations.cli import add_cli as add_integration_cli
+
+    add_analysis_cli(sub)  # `lrs analyze ...`
+    add_integration_cli(sub)
     return ap
 
 
@@ -300,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        COMMANDS[args.cmd](args)
+        func = getattr(args, "func", None) or COMMANDS[args.cmd]
+        func(args)
     except LRSError as e:
         print(f"lrs: error: {e}", file=sys.stderr)
         return 2
