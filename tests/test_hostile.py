@@ -40,6 +40,8 @@ def _one_line_error(capsys, code, *fragments):
         (["--method", "lrs", "--alpha", "inf"], "--alpha must be a finite number"),
         (["--method", "lrs", "--tau-r", "2"], "--tau-r must be [0.0, 1.0]"),
         (["--method", "fewshot", "--shots", "-2"], "--shots must be an integer >= 0, got -2"),
+        (["--method", "lrs", "--tau-r-quantile", "1.5"], "--tau-r-quantile must be [0.0, 1.0]"),
+        (["--method", "lrs", "--tau-r", "0.5", "--tau-r-quantile", "0.2"], "give one of them"),
         (["--limit", "-3"], "--limit must be an integer >= 0"),
     ],
 )

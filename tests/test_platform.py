@@ -102,6 +102,22 @@ def test_a_changed_encoder_never_reuses_a_cached_eval_or_tune_result(run, tmp_pa
     t = json.loads(next((tmp_path / "run2" / "tune").glob("*/tune.json")).read_text())
     assert {r["method"] for r in t["runs"]} == {"lrs"}
     assert set(t["best"]) == {"lrs", "random"} and t["best"]["random"] == t["best"]["lrs"]
+    # the calibrated grid tunes the reward gate as a quantile of r; eval --tuned then gates at that quantile
+    shutil.rmtree(tmp_path / "run2" / "tune")
+    assert main([*tune, "--grid", "quantile", "--methods", "lrs", "--inherit", "random=lrs"]) == 0
+    assert "dev lrs-k2-a0.1-q0.1-c0.72" in capsys.readouterr().out
+    t = json.loads(next((tmp_path / "run2" / "tune").glob("*/tune.json")).read_text())
+    assert (
+        set(t["best"]["lrs"]) == {"k", "alpha", "tau_r_quantile", "tau_c"}
+        and t["best"]["random"] == t["best"]["lrs"]
+    )
+    assert main([*ev, "--tuned", "--force"]) == 0  # an explicit --tau-r replaces the tuned quantile gate
+    s = json.loads((tmp_path / "run2" / "eval" / "arith" / "test" / "lrs.summary.json").read_text())
+    assert s["key_parts"]["steerer"]["config"]["tau_r_quantile"] is None
+    quantile_ev = [a for a in ev if a not in ("--tau-r", "1.0")]
+    assert main([*quantile_ev, "--tuned", "--force"]) == 0
+    s = json.loads((tmp_path / "run2" / "eval" / "arith" / "test" / "lrs.summary.json").read_text())
+    assert s["key_parts"]["steerer"]["config"]["tau_r_quantile"] == t["best"]["lrs"]["tau_r_quantile"]
 
 
 def test_tuned_without_a_tune_for_these_artefacts_is_one_line(run, tmp_path, capsys):

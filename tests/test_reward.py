@@ -304,3 +304,89 @@ def test_report_says_where_it_was_selected_and_drop_truncated_ablation(tmp_path)
     b = rm(z, positions=torch.arange(20)[None] + 500)
     torch.testing.assert_close(a, b)  # without the position input, the index cannot matter
     assert "selected on" in format_report(report)
+
+
+def difficulty_synth(n_problems=60, k=6, T=40, seed=0):
+    """Latent 1 carries the problem's difficulty at every position (it sets the success rate); latent 0 shows
+    the trace's own outcome from position 10 on. Steering needs a score that reads latent 0, not latent 1."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(latents=[], labels=[], groups=[])
+    for p in range(n_problems):
+        d = float(torch.randn(1, generator=g)) * 1.5
+        for _ in range(k):
+            y = int(torch.rand(1, generator=g) < torch.sigmoid(torch.tensor(2.5 * d)))
+            z = torch.randn(T, 4, generator=g) * 0.5
+            z[:, 1] += d
+            z[10:, 0] += 0.8 * (2 * y - 1)
+            out["latents"].append(z), out["labels"].append(y), out["groups"].append(f"p{p}")
+    return out
+
+
+def _sensitivity(rm, latents, j):
+    """Mean change of the reward logit at positions >= 16 when latent j of every position moves by +1."""
+    base = score_traces(rm, latents)
+    moved = [z.clone() for z in latents]
+    for z in moved:
+        z[:, j] += 1.0
+    shifted = score_traces(rm, moved)
+    return float(np.mean([(b - a)[16:].mean() for a, b in zip(base, shifted, strict=True)]))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "causal"])
+def test_centred_and_pairwise_objectives_read_the_trace_not_the_problem_difficulty(kind):
+    d = difficulty_synth()
+    held = difficulty_synth(n_problems=20, seed=3)
+    sens = {}
+    for objective in ("trajectory", "centred", "pairwise"):
+        cfg = RewardConfig(kind=kind, objective=objective, epochs=8, lr=1e-2, window=32, **SMALL)
+        rm, report = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)
+        assert report["objective"] == objective
+        metric = "AUROC" if objective == "trajectory" else "within-problem AUROC"
+        assert report["selected_on"]["metric"] == metric
+        sens[objective] = (_sensitivity(rm, held["latents"], 0), _sensitivity(rm, held["latents"], 1))
+    # the trajectory objective leans on difficulty: an easier-looking problem raises its score
+    ratio = {o: d / w for o, (w, d) in sens.items()}  # difficulty sensitivity per unit of trace sensitivity
+    assert sens["trajectory"][0] > 0 and ratio["trajectory"] > 0.2, sens
+    for objective in ("centred", "pairwise"):
+        assert sens[objective][0] > 0, sens
+        assert abs(ratio[objective]) < min(0.25, 0.6 * ratio["trajectory"]), (objective, sens)
+
+
+def test_within_problem_objectives_refuse_one_trace_per_problem_and_record_the_objective(tmp_path):
+    d = synth(n_problems=30, k=1)
+    with pytest.raises(LRSError, match="centred objective needs problems with both right and wrong traces"):
+        train_reward_model(d["latents"], d["labels"], d["groups"], cfg=RewardConfig(objective="centred"))
+    with pytest.raises(LRSError, match="unknown reward objective 'value'"):
+        train_reward_model(d["latents"], d["labels"], d["groups"], cfg=RewardConfig(objective="value"))
+    d = synth(n_problems=20, k=4)
+    cfg = RewardConfig(objective="pairwise", epochs=1, **SMALL)
+    rm, _ = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)
+    save_reward_model(rm, tmp_path / "rm.safetensors")
+    assert load_reward_model(tmp_path / "rm.safetensors").cfg.objective == "pairwise"
+
+
+def test_r_quantiles_calibrate_the_gate_on_unseen_traces_of_the_same_kind(tmp_path):
+    from lrs.encoders import IdentityEncoder
+    from lrs.reward.model import QUANTILE_FROM, reward_quantile
+    from lrs.steering import LatentRewardSteerer, SteerConfig
+
+    d = synth(n_problems=250, lengths=(70, 90))  # 50 selection problems: the calibration set
+    cfg = RewardConfig(kind="mlp", epochs=3, lr=1e-2, **SMALL)
+    rm, report = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)
+    cal = report["r_quantiles"]
+    assert cal["from_position"] == QUANTILE_FROM and cal["traces"] == "select" and len(cal["values"]) == 99
+    assert cal["values"] == sorted(cal["values"])
+    save_reward_model(rm, tmp_path / "rm.safetensors")  # the quantiles travel with the artefact
+    rm = load_reward_model(tmp_path / "rm.safetensors")
+    fresh = synth(n_problems=100, lengths=(70, 90), seed=11)
+    r = torch.cat([torch.sigmoid(s[QUANTILE_FROM:]) for s in score_traces(rm, fresh["latents"])])
+    for q in (0.1, 0.2, 0.5):
+        tau = reward_quantile(rm, q)
+        assert abs(float((r < tau).float().mean()) - q) < 0.02, q  # expected gate rate within 2 points
+    enc = IdentityEncoder(4, layer=0)
+    st = LatentRewardSteerer(enc, rm, SteerConfig(tau_r_quantile=0.2, tau_c=0.0))
+    assert st.gate.tau_r == reward_quantile(rm, 0.2) and st.tau_r == st.gate.tau_r
+    assert st.fingerprint()["config"]["tau_r_quantile"] == 0.2
+    rm.metrics = {}
+    with pytest.raises(LRSError, match="no r quantiles"):
+        LatentRewardSteerer(enc, rm, SteerConfig(tau_r_quantile=0.2))

@@ -108,6 +108,12 @@ class RewardTrainConfig:
     traces: str | None = opt(None, "trace directory (default <run>/traces)")
     encoder: str | None = opt(None, "encoder artefact (default <run>/encoder.safetensors)")
     kind: str = opt("causal", "reward model type", choices=("causal", "mlp", "bidirectional"))
+    objective: str = opt(
+        "trajectory",
+        "trajectory: each token gets its trace's label; centred: label vs the problem's success rate; "
+        "pairwise: right vs wrong traces of one problem (centred/pairwise need --samples-per-problem > 1)",
+        choices=("trajectory", "centred", "pairwise"),
+    )
     eval_traces: str | None = opt(
         None, "second trace set on other problems: the report is repeated on it, with within-problem AUROC"
     )
@@ -130,6 +136,9 @@ class SteerOverrides:
     alpha: float | None = opt(None, "latent step size (LRS) or vector scale (diffmean)")
     tau_r: float | None = opt(None, "gate: steer when reward prob < tau_r")
     tau_c: float | None = opt(None, "gate: or when the previous top prob < tau_c")
+    tau_r_quantile: float | None = opt(
+        None, "gate on a calibrated scale: tau_r = this quantile of r on the reward model's selection traces"
+    )
     warmup: int | None = opt(None, "no steering in the first N tokens")
     every: int | None = opt(None, "steer a row at most every N tokens")
     tuned: bool = opt(False, "use the settings `lrs tune` chose on dev for these artefacts")
@@ -142,7 +151,7 @@ class SteerOverrides:
 
     def values(self) -> dict:
         """The explicitly set SteerConfig fields."""
-        keys = ("k", "alpha", "tau_r", "tau_c", "warmup", "every")
+        keys = ("k", "alpha", "tau_r", "tau_c", "tau_r_quantile", "warmup", "every")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def __post_init__(self) -> None:
@@ -152,6 +161,9 @@ class SteerOverrides:
         _finite(self, "alpha", low=0.0, optional=True)
         _finite(self, "tau_r", low=0.0, high=1.0, optional=True)
         _finite(self, "tau_c", low=0.0, high=1.0, optional=True)
+        _finite(self, "tau_r_quantile", low=0.0, high=1.0, optional=True)
+        if self.tau_r is not None and self.tau_r_quantile is not None:
+            raise LRSError("--tau-r and --tau-r-quantile both set the reward gate: give one of them")
 
 
 @dataclass
@@ -162,6 +174,16 @@ class EvalConfig:
     shots: int = opt(4, "examples for --method fewshot (from the train split of --fewshot-task)")
     out: str | None = opt(None, "results directory (default <run>/eval/<task>/<split>)")
     force: bool = opt(False, "re-run even if a result with the same cache key exists")
+    log_tokens: bool = opt(
+        False,
+        "log per record token ids, finish reason and per-token top-1/top-2 probabilities; with a latent "
+        "steering method also every token's reward and each steering event (implies --log-events)",
+    )
+    shadow: bool = opt(
+        False,
+        "unsteered methods: also score every generated token with the encoder and reward model "
+        "(--encoder/--reward, default the run's) exactly as LRS would, without steering (implies --log-tokens)",
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, "shots", 0)
@@ -171,7 +193,11 @@ class EvalConfig:
 class TuneConfig:
     """Choose steering settings on the dev split."""
 
-    grid: str = opt("small", "size of the grid", choices=("tiny", "small", "full"))
+    grid: str = opt(
+        "small",
+        "size of the grid (quantile: like small, with the reward gate as a quantile of r instead of tau_r)",
+        choices=("tiny", "small", "quantile", "full"),
+    )
     methods: str = opt(
         "lrs,lrs-basic,random,diffmean", "comma-separated methods to tune, each on its own grid"
     )

@@ -169,7 +169,7 @@ def train_reward(ts, enc, rc: RewardTrainConfig, seed: int = 0, heldout=None):
     from lrs.reward import RewardConfig, train_reward_model
 
     cfg = RewardConfig(
-        kind=rc.kind, seed=seed, report_frac=rc.report_frac, drop_truncated=rc.drop_truncated,
+        kind=rc.kind, objective=rc.objective, seed=seed, report_frac=rc.report_frac, drop_truncated=rc.drop_truncated,
         use_position=rc.position, **({"epochs": rc.epochs} if rc.epochs is not None else {}),
     )  # fmt: skip
     x = reward_inputs(ts, enc)
@@ -211,7 +211,10 @@ def steer_config(method: str, so: SteerOverrides, tuned: dict | None = None) -> 
     m = get_method(method)
     names = {f.name for f in fields(SteerConfig)}
     cfg = {k: v for k, v in (tuned or {}).get(method, {}).items() if k in names}
-    cfg.update(so.values())
+    explicit = so.values()
+    if "tau_r" in explicit:  # an explicit tau_r replaces a tuned quantile gate
+        cfg.pop("tau_r_quantile", None)
+    cfg.update(explicit)
     cfg["gate"], cfg["control"] = m.gate, m.control
     return SteerConfig(**cfg)
 
@@ -265,6 +268,15 @@ GRIDS = {
     "small": dict(
         k=[2], alpha=[0.1, 0.3, 1.0], tau_r=[0.5, 0.9], tau_c=[0.72], diffmean=[0.5, 1.0, 4.0], base=True
     ),
+    # the reward gate on a calibrated scale: steer the weakest 10 % / 30 % of states (any reward model)
+    "quantile": dict(
+        k=[2],
+        alpha=[0.1, 0.3, 1.0],
+        tau_r_quantile=[0.1, 0.3],
+        tau_c=[0.72],
+        diffmean=[0.5, 1.0, 4.0],
+        base=True,
+    ),
     "full": dict(
         k=[1, 2, 4],
         alpha=[0.05, 0.1, 0.3, 1.0],
@@ -277,7 +289,18 @@ GRIDS = {
 
 
 TUNED_METHODS = ("lrs", "lrs-basic", "random", "diffmean")
-_SHORT = {"k": "k", "alpha": "a", "tau_r": "r", "tau_c": "c"}  # grid-point names: lrs-k2-a0.1-r0.5-c0.72
+_SHORT = {
+    "k": "k",
+    "alpha": "a",
+    "tau_r": "r",
+    "tau_r_quantile": "q",
+    "tau_c": "c",
+}  # grid-point names: lrs-k2-a0.1-r0.5-c0.72
+
+
+def _gate_param(p: str, g: dict) -> str:
+    """A grid with ``tau_r_quantile`` tunes the reward gate on the calibrated scale instead of ``tau_r``."""
+    return "tau_r_quantile" if p == "tau_r" and "tau_r_quantile" in g else p
 
 
 def tune(
@@ -362,16 +385,17 @@ def _tune(
     if g["base"]:
         run("base", None, {}, "base")
     plain = SteerOverrides(encoder=so.encoder, reward=so.reward)
-    values = dict(k=g["k"], alpha=g["alpha"], tau_r=g["tau_r"], tau_c=g["tau_c"])
+    values = {p: g[p] for p in _SHORT if p in g}
     for method in methods:
         m = get_method(method)
+        params_tuned = [_gate_param(p, g) for p in m.tuned]
         if m.steerer == "vector":
             dm = build_steerer(method, model, rd, plain)
             for a in g["diffmean"]:
                 run(f"{method}-a{a}", dm.scaled(a), dict(alpha=a), method)
             continue
-        for combo in itertools.product(*(values[p] for p in m.tuned)):
-            params = dict(zip(m.tuned, combo, strict=True))
+        for combo in itertools.product(*(values[p] for p in params_tuned)):
+            params = dict(zip(params_tuned, combo, strict=True))
             st = build_steerer(method, model, rd, SteerOverrides(**{**asdict(plain), **params}))
             run(f"{method}-" + "-".join(f"{_SHORT[k]}{v}" for k, v in params.items()), st, params, method)
     base_acc = next((r["accuracy"] for r in runs if r["method"] == "base"), None)
@@ -384,7 +408,7 @@ def _tune(
         beats[method] = None if base_acc is None else top["accuracy"] > base_acc
     for method, source in inherit.items():  # e.g. the quick demo: the random control takes LRS's settings
         if source in best and method not in best:
-            tuned = METHODS[method].tuned
+            tuned = [_gate_param(p, g) for p in METHODS[method].tuned]
             best[method] = {k: v for k, v in best[source].items() if k in tuned}
     result = dict(
         split="dev",

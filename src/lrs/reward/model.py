@@ -60,6 +60,12 @@ class RewardConfig:
     'long'); the report still scores every trace"""
     use_position: bool = True
     """give the model the absolute token index (False: ablation, so it cannot learn 'long means wrong')"""
+    objective: str = "trajectory"
+    """trajectory: every token carries its trace's label (class-balanced BCE) | centred: BCE with the logit of the problem's
+    success rate as a fixed offset, on problems with both right and wrong traces only, so the score only has to
+    explain how a trace differs from the other traces of its problem | pairwise: within a problem, every (right, wrong) pair at every shared
+    position, loss softplus(s_wrong - s_right). centred and pairwise need several traces per problem and
+    select the epoch on within-problem AUROC"""
     seed: int = 0
     """seeds the split, the initialisation, dropout and batch order"""
     max_len: int = 1024
@@ -293,7 +299,12 @@ def save_reward_model(
 ) -> Path:
     """Write ``path`` (safetensors) and its ``.json`` sidecar (config, hash, metrics, provenance), atomically."""
     return save_artifact(
-        path, rm.tensors(), format=FORMAT, config=rm.config(), provenance=provenance, metrics=metrics
+        path,
+        rm.tensors(),
+        format=FORMAT,
+        config=rm.config(),
+        provenance=provenance,
+        metrics=metrics if metrics is not None else getattr(rm, "metrics", None),
     )
 
 
@@ -389,3 +400,32 @@ def _aucs_at(scores: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
         m = ~np.isnan(s)
         out[k] = auroc(s[m], y[m])
     return out
+
+
+QUANTILE_FROM = 32  #: r quantiles are taken over positions >= this (the steerer's default warm-up)
+QUANTILE_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
+
+
+def r_quantiles(rm: RewardModel, latents: list[torch.Tensor]) -> dict:
+    """Quantiles of the reward probability r over every position >= QUANTILE_FROM of ``latents``.
+
+    Stored with the reward model (``metrics["r_quantiles"]``) so the gate can be set on a calibrated scale.
+    """
+    scores = score_traces(rm, latents)
+    r = torch.cat([torch.sigmoid(s[QUANTILE_FROM:]) for s in scores if len(s) > QUANTILE_FROM])
+    if len(r) == 0:
+        return dict(from_position=QUANTILE_FROM, n=0, levels=[], values=[])
+    vals = torch.quantile(r.double(), torch.tensor(QUANTILE_LEVELS, dtype=torch.float64))
+    return dict(from_position=QUANTILE_FROM, n=len(r), levels=list(QUANTILE_LEVELS), values=vals.tolist())
+
+
+def reward_quantile(rm, q: float) -> float:
+    """The reward probability at quantile ``q`` of the reward model's calibration traces (interpolated)."""
+    cal = (getattr(rm, "metrics", None) or {}).get("r_quantiles") or {}
+    if not cal.get("values"):
+        raise LRSError(
+            "this reward model has no r quantiles (trained before calibration existed, or on traces shorter "
+            f"than {QUANTILE_FROM} tokens): retrain it with `lrs train-reward`, or set tau_r instead"
+        )
+    levels, values = [0.0, *cal["levels"], 1.0], [0.0, *cal["values"], 1.0]
+    return float(np.interp(q, levels, values))

@@ -20,8 +20,10 @@ from lrs.reward.model import (
     _pad,
     _prefix_scores,
     _val_score,
+    r_quantiles,
 )
 from lrs.reward.quality import _quality, verdict
+from lrs.stats import within_group_auroc
 
 
 def split_by_group(
@@ -160,6 +162,8 @@ def train_reward_model(
     within-problem AUROC many more mixed problems than the val split of a greedy trace set.
     """
     cfg = cfg or RewardConfig()
+    if cfg.objective not in OBJECTIVES:
+        raise LRSError(f"unknown reward objective '{cfg.objective}': use one of {', '.join(OBJECTIVES)}")
     _check(latents, labels, groups, conf, prompt)
     if heldout is not None:
         _check_heldout(heldout, latents, groups, conf, prompt)
@@ -175,17 +179,30 @@ def train_reward_model(
                 raise LRSError(
                     f"after dropping truncated traces the {side} problems lack correct or wrong traces"
                 )
+    if cfg.objective != "trajectory":
+        gs = list(groups)
+        for side, idx in (("fit", tr), ("selection", va)):
+            if not _mixed_groups([gs[i] for i in idx], y[idx]):
+                raise LRSError(
+                    f"the {cfg.objective} objective needs problems with both right and wrong traces, and the "
+                    f"{side} problems have none: collect several samples per problem "
+                    "(--samples-per-problem 4 --temperature 0.7)"
+                )
     xs = _prep(latents, cfg.max_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         rm = RewardModel(xs[0].shape[1], cfg)
         rm.set_standardisation(torch.cat([xs[i] for i in tr]))
-        rm, best_epoch, history = _fit(rm, xs, y, tr, va, progress)
+        rm, best_epoch, history = _fit(rm, xs, y, list(groups), tr, va, progress)
     report = _quality(rm, xs, y, list(groups), tr, rep, conf, prompt)
+    report["r_quantiles"] = r_quantiles(rm, [xs[i] for i in va]) | dict(traces="select")
+    rm.metrics = {"r_quantiles": report["r_quantiles"]}  # usable before the model is saved and loaded
     report.update(
         best_epoch=best_epoch, epochs_run=len(history), select_history=[round(h, 4) for h in history],
-        selected_on=dict(positions=list(SELECT_POSITIONS), n_traces=len(va), n_problems=len({groups[i] for i in va})),
+        selected_on=dict(positions=list(SELECT_POSITIONS), n_traces=len(va), n_problems=len({groups[i] for i in va}),
+                         metric="AUROC" if cfg.objective == "trajectory" else "within-problem AUROC"),
+        objective=cfg.objective,
         report_split="select" if cfg.report_frac == 0 else "report (problem-disjoint from fit and select)",
         drop_truncated=cfg.drop_truncated, use_position=cfg.use_position,
     )  # fmt: skip
@@ -210,36 +227,130 @@ def _prep(latents: list[torch.Tensor], max_len: int) -> list[torch.Tensor]:
     return [z[:max_len].detach().float().cpu() for z in latents]
 
 
-def _fit(rm, xs, y, tr, va, progress) -> tuple[RewardModel, int, list[float]]:
+OBJECTIVES = ("trajectory", "centred", "pairwise")
+
+
+def _mixed_groups(groups: list[str], y: np.ndarray) -> set[str]:
+    """The groups (problems) holding both a right and a wrong trace."""
+    seen: dict[str, set[int]] = {}
+    for g, v in zip(groups, y.tolist(), strict=True):
+        seen.setdefault(g, set()).add(int(v))
+    return {g for g, v in seen.items() if len(v) == 2}
+
+
+def _problem_offsets(groups: list[str], y: np.ndarray, idx: list[int]) -> torch.Tensor:
+    """Per trace, the logit of its problem's success rate k/n on the fit traces; nan for problems whose traces
+    all agree (their advantage is zero everywhere: they say nothing about which states of a problem are better).
+    """
+    k: dict[str, float] = {}
+    n: dict[str, int] = {}
+    for i in idx:
+        k[groups[i]] = k.get(groups[i], 0.0) + float(y[i])
+        n[groups[i]] = n.get(groups[i], 0) + 1
+    off = torch.full((len(groups),), math.nan)
+    for i in idx:
+        p = k[groups[i]] / n[groups[i]]
+        if 0 < p < 1:
+            off[i] = math.log(p / (1 - p))
+    return off
+
+
+def _batches(order: list[int], groups: list[str], size: int, by_problem: bool) -> list[list[int]]:
+    """Trace batches of ``size``; with ``by_problem`` whole problems stay together (pairs need both sides)."""
+    if not by_problem:
+        return [order[s : s + size] for s in range(0, len(order), size)]
+    members: dict[str, list[int]] = {}
+    for i in order:
+        members.setdefault(groups[i], []).append(i)
+    out, cur = [], []
+    for m in members.values():
+        cur.extend(m)
+        if len(cur) >= size:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def _loss(rm, objective, z, valid, yb, off, w_cls) -> torch.Tensor:
+    """The training loss of one batch under ``objective`` (see :class:`RewardConfig`)."""
+    s = rm(z, valid)
+    target = yb.float()[:, None].expand_as(valid)
+    if objective == "trajectory":
+        w = w_cls[yb][:, None] * valid
+        return (F.binary_cross_entropy_with_logits(s, target, reduction="none") * w).sum() / valid.sum()
+    if objective == "centred":  # traces of problems whose traces all agree carry no weight (offset nan)
+        keep = valid & ~torch.isnan(off)[:, None]
+        if not keep.any():
+            return s.sum() * 0.0
+        bce = F.binary_cross_entropy_with_logits(s + off.nan_to_num()[:, None], target, reduction="none")
+        return (bce * keep).sum() / keep.sum()
+    return _pairwise_loss(s, valid, yb, off)
+
+
+def _pairwise_loss(s, valid, yb, grp) -> torch.Tensor:
+    """Mean softplus(s_wrong - s_right) over same-problem (right, wrong) pairs and their shared positions."""
+    same = grp[:, None] == grp[None, :]
+    pos, neg = torch.nonzero(same & yb.bool()[:, None] & ~yb.bool()[None, :], as_tuple=True)
+    if len(pos) == 0:
+        return s.sum() * 0.0
+    m = valid[pos] & valid[neg]
+    return (F.softplus(s[neg] - s[pos]) * m).sum() / m.sum().clamp(min=1)
+
+
+def _select_score(rm, xs, y, groups, va, objective) -> float:
+    """Epoch-selection score on the selection problems at the fixed positions only (never "end").
+
+    trajectory: AUROC across traces; centred/pairwise: within-problem AUROC (what those objectives target).
+    """
+    scores = _prefix_scores(rm, [xs[i] for i in va])
+    if objective == "trajectory":
+        return _val_score(_aucs_at(scores, y[va]))
+    g = [groups[i] for i in va]
+    vals = []
+    for t in SELECT_POSITIONS:
+        v = scores[str(t)]
+        m = ~np.isnan(v)
+        w, pairs, _ = within_group_auroc(v[m], y[va][m], list(np.asarray(g, dtype=object)[m]))
+        if pairs:
+            vals.append(w)
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _fit(rm, xs, y, groups, tr, va, progress) -> tuple[RewardModel, int, list[float]]:
     cfg = rm.cfg
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tok = {c: sum(len(xs[i]) for i in tr if y[i] == c) for c in (0, 1)}
     w_cls = torch.tensor([(tok[0] + tok[1]) / (2 * tok[c]) for c in (0, 1)])  # both classes weigh the same
+    off = _problem_offsets(groups, y, tr)
+    gid = {g: j for j, g in enumerate(dict.fromkeys(groups))}
+    grp = torch.tensor([gid[g] for g in groups])
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_epoch, best_state, bad, history = -math.inf, 0, None, 0, []
-    bar = tqdm(range(cfg.epochs), desc=f"reward model ({cfg.kind})", disable=not progress, leave=False)
+    bar = tqdm(
+        range(cfg.epochs),
+        desc=f"reward model ({cfg.kind}, {cfg.objective})",
+        disable=not progress,
+        leave=False,
+    )
     for epoch in bar:
         rm.train()
         order = [tr[i] for i in torch.randperm(len(tr), generator=gen).tolist()]
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
+        for idx in _batches(order, groups, cfg.batch_size, by_problem=cfg.objective == "pairwise"):
             z, valid = _pad([xs[i] for i in idx])
-            target = torch.tensor(y[idx], dtype=torch.float32)[:, None].expand_as(valid)
-            w = w_cls[y[idx]][:, None] * valid
-            loss = (
-                F.binary_cross_entropy_with_logits(rm(z, valid), target, reduction="none") * w
-            ).sum() / valid.sum()
+            yb = torch.as_tensor(y[idx])
+            extra = grp[idx] if cfg.objective == "pairwise" else off[idx]
+            loss = _loss(rm, cfg.objective, z, valid, yb, extra, w_cls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        score = _val_score(_aucs_at(_prefix_scores(rm, [xs[i] for i in va]), y[va]))
+        score = _select_score(rm, xs, y, groups, va, cfg.objective)
         history.append(score)
         if score > best:
             best, best_epoch, bad = score, epoch + 1, 0
             best_state = copy.deepcopy(rm.state_dict())
         else:
             bad += 1
-        bar.set_postfix(val_auroc=f"{score:.3f}", best=f"{best:.3f}")
+        bar.set_postfix(select=f"{score:.3f}", best=f"{best:.3f}")
         if bad >= cfg.patience:
             break
     if best_state is not None:

@@ -7,13 +7,18 @@ position only. A causal reward model is scored incrementally (its per-layer keys
 cached per row, so a token costs one position, and the gradient steps run through the newest position's own
 path only); the scores equal the full-window ones, which equal the training-time ones. Prompt positions (the prefill call), padding and finished rows are never touched. The KV
 cache stays on, so the corrected state flows into the cache of the layers above L. Every per-row tensor
-(latent history, gate, gradient) lives on the model's device; nothing is copied to the host per token
-unless events are logged.
+(latent history, gate, gradient) lives on the model's device; nothing is copied to the host per token.
+
+With ``log_events`` the steerer also keeps, per generated token, the reward of the (pre-steer) latent history
+and the gate's inputs, and per steering event the reward after the change, the gate's reason, |Δh|/|h| and
+the latent before and after; these stay on the device until the batch ends and are copied to the host once.
+Logging only reads: the steered tokens are the same with and without it. :meth:`LatentRewardSteerer.shadow`
+gives the same scorer with the gate forced off, to score an unsteered run exactly as LRS would.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -22,6 +27,7 @@ from lrs.encoders import check_compatible, encoder_hash
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, layer_output, replace_layer_output
 from lrs.models import decoder_layers, hidden_size, model_fingerprint
+from lrs.reward.model import reward_quantile
 from lrs.steering.base import Steerer, hooked
 
 
@@ -47,6 +53,12 @@ class Gate:
             return torch.zeros_like(r, dtype=torch.bool)
         return (r < self.tau_r) | (c_prev < self.tau_c)
 
+    def reasons(self, r: torch.Tensor, c_prev: torch.Tensor) -> torch.Tensor:
+        """Why the gate fired, as an index into :data:`GATE_REASONS` (logging only)."""
+        if self.mode != "gated":
+            return torch.zeros_like(r, dtype=torch.long)
+        return (r < self.tau_r).long() + 2 * (c_prev < self.tau_c).long()
+
 
 @dataclass
 class SteerConfig:
@@ -63,6 +75,9 @@ class SteerConfig:
     max_dz: float | None = None  #: clip on the latent change norm
     control: str = "reward"  #: reward | random (same gate and |dh|, random direction)
     seed: int = 0  #: seed of the random control's directions
+    #: gate on a calibrated scale: tau_r becomes this quantile of r on the reward model's selection traces
+    #: (positions >= 32), so "steer the weakest 20 % of states" (0.2) means the same for any reward model
+    tau_r_quantile: float | None = None
 
     def __post_init__(self) -> None:
         if self.control not in ("reward", "random"):
@@ -78,6 +93,9 @@ class SteerConfig:
             raise LRSError("steering needs k >= 1, alpha >= 0, every >= 1 and window >= 1")
         if self.warmup < 0:
             raise LRSError(f"warmup must be >= 0, got {self.warmup}")
+        q = self.tau_r_quantile
+        if q is not None and not (0.0 <= float(q) <= 1.0):
+            raise LRSError(f"tau_r_quantile must be in [0, 1], got {q}")
 
 
 def check_pair(encoder, reward_model) -> None:
@@ -119,6 +137,34 @@ def check_model(encoder, model) -> None:
         )
 
 
+#: gate reasons of a steering event, indexed by the code kept on the device (see :meth:`Gate.reasons`)
+GATE_REASONS = ("always", "reward", "confidence", "both")
+
+
+@dataclass
+class _StepLog:
+    """What one decode step logs (tensors on the model's device; copied to the host once, at the batch's end).
+
+    ``r`` [B] reward probability of each row's newest (pre-steer) latent; ``c`` [B] previous top-token
+    probability the gate read (None at the prefill); ``live`` [B]; for the ``rows`` steered at this step:
+    ``dh`` |Δh|, ``dh_rel`` |Δh|/|h|, ``r_post`` reward after the change, ``gate`` reason code, ``z_pre`` /
+    ``z_post`` [len(rows), n] the latent before and after (the latter re-encoded from the steered state: what
+    the history holds from then on).
+    """
+
+    t: int
+    r: torch.Tensor
+    c: torch.Tensor | None
+    live: torch.Tensor
+    rows: torch.Tensor | None = None
+    dh: torch.Tensor | None = None
+    dh_rel: torch.Tensor | None = None
+    r_post: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    z_pre: torch.Tensor | None = None
+    z_post: torch.Tensor | None = None
+
+
 class _BatchState:
     """Per-row state of one generate() batch: latent history, last steer step, counters, events.
 
@@ -138,10 +184,12 @@ class _BatchState:
         self.steers = torch.zeros(batch, dtype=torch.long, device=device)
         self.skipped = torch.zeros(batch, dtype=torch.long, device=device)
         self.dh_norm = torch.zeros(batch, device=device)
-        self.events: list[list[dict]] = [[] for _ in range(batch)]
         self.cache = reward.new_cache(batch, device) if reward is not None else None
         self.kv: torch.Tensor | None = None  # the newest position's keys/values, appended after steering
+        self.r_post: torch.Tensor | None = None  # steered rows' reward logit after the change (_commit)
         self.step = 0
+        #: logging only: one :class:`_StepLog` per forward call, kept on the device until :meth:`_store`
+        self.log: list[_StepLog] = []
 
     def _ordered(self, x: torch.Tensor) -> torch.Tensor:
         return torch.roll(x, -(self.n % self.window), dims=1)
@@ -199,7 +247,10 @@ class LatentRewardSteerer(Steerer):
         self.encoder = encoder
         self.reward = reward_model.eval()
         self.cfg = config or SteerConfig()
-        self.gate = Gate(self.cfg.tau_r, self.cfg.tau_c, self.cfg.gate)
+        self.tau_r = self.cfg.tau_r
+        if self.cfg.tau_r_quantile is not None:
+            self.tau_r = reward_quantile(reward_model, self.cfg.tau_r_quantile)
+        self.gate = Gate(self.tau_r, self.cfg.tau_c, self.cfg.gate)
         self.window = self.cfg.window or getattr(getattr(reward_model, "cfg", None), "window", 128)
         self.layer = encoder.layer
         self.log_events = log_events
@@ -219,6 +270,13 @@ class LatentRewardSteerer(Steerer):
 
         self._flush_cb = lambda: self._store(state.pop("s", None), indices)
         return hooked(block, hook, self._flush_cb)
+
+    def shadow(self) -> LatentRewardSteerer:
+        """A scorer that never steers: same encoder, reward model and history window, gate forced off, events
+        logged. Attached to an unsteered run it records every token's r exactly as this steerer would see it
+        (LRS's own history holds its steered latents, so the two agree up to its first steering event)."""
+        cfg = replace(self.cfg, gate="never", control="reward")
+        return LatentRewardSteerer(self.encoder, self.reward, cfg, log_events=True)
 
     def fingerprint(self) -> dict:
         return dict(
@@ -259,14 +317,69 @@ class LatentRewardSteerer(Steerer):
         if s is None:
             return
         steps, steers, skipped, dh = (x.tolist() for x in (s.steps, s.steers, s.skipped, s.dh_norm))
+        events = self._events(s) if self.log_events else None
         for row in range(len(steps)):
             n = steers[row]
             rec = dict(
                 steer_steps=steps[row], steers=n, nan_skipped=skipped[row], mean_dh=dh[row] / n if n else 0.0
             )
-            if self.log_events:
-                rec["events"] = s.events[row]
+            if events is not None:
+                rec["events"] = events[row]
             self._rows[self._key(indices, row)] = rec
+
+    @staticmethod
+    def _events(s: _BatchState) -> list[list[dict]]:
+        """Per row, one dict per generated token (``t`` = token index, from 0), copied to the host once per batch.
+
+        Every entry has ``t``, ``r`` (reward probability of the pre-steer latent history), ``c`` (the previous
+        token's top probability the gate read; None for token 0), ``steered`` and ``dh`` (|Δh|, 0 if not
+        steered). Steered entries add ``r_post`` (reward after the change), ``gate`` (reward / confidence / both /
+        always), ``dh_rel`` (|Δh|/|h|), ``z_pre`` and ``z_post`` (the latent before and after, float32 CPU
+        tensors [n]; ``evaluate`` writes them inline or to a sidecar file).
+        """
+        out: list[list[dict]] = [[] for _ in range(s.batch)]
+        if not s.log:
+            return out
+        nan = torch.full_like(s.log[0].r, float("nan"))
+        r = torch.stack([e.r for e in s.log]).tolist()
+        c = torch.stack([e.c if e.c is not None else nan for e in s.log]).tolist()
+        live = torch.stack([e.live for e in s.log]).tolist()
+        at: dict[tuple[int, int], dict] = {}
+        for i, e in enumerate(s.log):
+            for b in range(s.batch):
+                if live[i][b]:
+                    cb = c[i][b]
+                    d = dict(
+                        t=e.t,
+                        r=round(r[i][b], 4),
+                        c=None if cb != cb else round(cb, 4),
+                        steered=False,
+                        dh=0.0,
+                    )
+                    out[b].append(d)
+                    at[(b, e.t)] = d
+        ev = [e for e in s.log if e.rows is not None]
+        if ev:
+            ts = [e.t for e in ev for _ in range(len(e.rows))]
+            rows, dh, dh_rel, r_post, gate = (
+                torch.cat([getattr(e, k) for e in ev]).tolist()
+                for k in ("rows", "dh", "dh_rel", "r_post", "gate")
+            )
+            # latents stay tensors (float32, on the host): a wide encoder's would be huge as Python lists
+            z_pre, z_post = (
+                torch.cat([getattr(e, k) for e in ev]).float().cpu() for k in ("z_pre", "z_post")
+            )
+            for j, (t, b) in enumerate(zip(ts, rows, strict=True)):
+                at[(b, t)].update(
+                    steered=True,
+                    dh=round(dh[j], 4),
+                    r_post=round(r_post[j], 4),
+                    gate=GATE_REASONS[gate[j]],
+                    dh_rel=round(dh_rel[j], 5),
+                    z_pre=z_pre[j],
+                    z_post=z_post[j],
+                )
+        return out
 
     def _encode(self, h: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(h.detach()).float()
@@ -289,9 +402,11 @@ class LatentRewardSteerer(Steerer):
                 h.shape[0], self.window, self.encoder.n_latents, h.device, self._incremental_reward()
             )
             s.push(self._encode(h[:, -1]), 0)
+            logit = self._score(s) if s.cache is not None or self.log_events else None
             if s.cache is not None:
-                self._score(s)
                 self._commit(s)
+            if self.log_events:  # token 0's reward (read-only: the full-window scorer keeps no state)
+                s.log.append(_StepLog(0, torch.sigmoid(logit), None, tracker.live))
             return None
         s: _BatchState = state["s"]
         live = tracker.live
@@ -308,13 +423,15 @@ class LatentRewardSteerer(Steerer):
             live & (step >= self.cfg.warmup) & (step - s.last >= self.cfg.every) & self.gate.fires(r, c_prev)
         )
         gated = fire.nonzero().flatten()
-        dh_rows = torch.zeros(h.shape[0], device=h.device)
         rows = gated
+        log = _StepLog(step, r, tracker.conf_prev, live) if self.log_events else None
         if len(gated):
             dh, ok = self._delta(s, gated, cur[gated])
             rows, dh = gated[ok], dh[ok]
             s.skipped[gated[~ok]] += 1
             if len(rows):
+                if log is not None:
+                    log.z_pre = s.newest(rows).clone()
                 h = h.clone()
                 h[rows, -1] += dh.to(h.dtype)
                 s.set_newest(rows, self._encode(h[rows, -1]))
@@ -322,16 +439,23 @@ class LatentRewardSteerer(Steerer):
                 s.steers[rows] += 1
                 norms = dh.float().norm(dim=-1)
                 s.dh_norm[rows] += norms
-                dh_rows[rows] = norms
+                if log is not None:
+                    log.rows, log.dh, log.z_post = rows, norms, s.newest(rows).clone()
+                    log.dh_rel = norms / cur[rows].float().norm(dim=-1).clamp_min(1e-12)
+                    log.gate = self.gate.reasons(r[rows], c_prev[rows])
         if s.cache is not None:
             self._commit(s, rows if len(rows) else None)
-        if self.log_events:
-            r_, c_, d_ = r.tolist(), c_prev.tolist(), dh_rows.tolist()
-            for b in live.nonzero().flatten().tolist():
-                s.events[b].append(
-                    dict(t=step, r=round(r_[b], 4), c=round(c_[b], 4), steered=d_[b] > 0, dh=round(d_[b], 4))
-                )
+        if log is not None:
+            if log.rows is not None:  # the reward the next tokens see: the history with the steered latent
+                post = s.r_post if s.cache is not None else self._score_rows(s, rows)
+                log.r_post = torch.sigmoid(post.float())
+            s.log.append(log)
         return replace_layer_output(output, h) if len(rows) else None
+
+    def _score_rows(self, s: _BatchState, rows: torch.Tensor) -> torch.Tensor:
+        """Full-window reward logit of ``rows``' current history (logging only: read-only)."""
+        with torch.no_grad():
+            return self.reward.score_last(s.z[rows], s.valid[rows], s.pos[rows]).float()
 
     def _score(self, s: _BatchState) -> torch.Tensor:
         """Reward logit [B] of each row's newest latent. Incremental (causal): one position through the cached
@@ -353,7 +477,7 @@ class LatentRewardSteerer(Steerer):
         with torch.no_grad():
             if rows is not None:
                 sub = s.cache if len(rows) == s.batch else s.cache.select(rows)
-                _, kv = self.reward.score_step(s.newest(rows), sub, self._positions(s, len(rows)))
+                s.r_post, kv = self.reward.score_step(s.newest(rows), sub, self._positions(s, len(rows)))
                 s.kv[:, :, rows] = kv
         s.cache.append(s.kv)
         s.kv = None
