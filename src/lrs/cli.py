@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0, help="sampling / training seed (default 0)")
     _run_flag(dm)
 
+    b = sub.add_parser(
+        "best-of-n",
+        help="pick among N sampled traces per problem by the latent reward vs random/majority/confidence",
+    )
+    b.add_argument("--traces", required=True, help="trace collection with several samples per problem")
+    b.add_argument("--encoder", default=None, help="encoder artefact (default <run>/encoder.safetensors)")
+    b.add_argument("--reward", default=None, help="reward model artefact (default <run>/reward.safetensors)")
+    b.add_argument("--out", default=None, help="JSON result (default <traces>/best-of-n.json)")
+    add_config(b, C.TaskConfig, skip=("split", "limit", "split_seed", "question_field", "answer_field"))
+    add_config(b, C.ModelConfig)
+    _run_flag(b)
+
     r = sub.add_parser("report", help="write a Markdown report with plots from a run's eval results")
     add_config(r, C.TaskConfig, skip=("limit", "split_seed", "question_field", "answer_field"))
     add_config(r, C.ModelConfig)
@@ -170,16 +182,26 @@ def cmd_doctor(args) -> None:
 
 def cmd_eval(args) -> None:
     from lrs import stages
-    from lrs.evaluate import compare, load_result, summary_line
+    from lrs.evaluate import EvalLog, compare, load_result, logging_defaults, summary_line
     from lrs.stats import format_comparison
+    from lrs.steering import get_method
 
     rd, tc, gc, ev = _rd(args), build(C.TaskConfig, args), build(C.GenConfig, args), build(C.EvalConfig, args)
     ev.method = args.method
     stages.problems(tc)  # a bad task or split fails before the model is loaded
     check_dir_target(Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split), "--out")
-    build(C.SteerOverrides, args)  # bad steering settings fail before the model is loaded too
+    so = build(C.SteerOverrides, args)  # bad steering settings fail before the model is loaded too
+    if ev.shadow and get_method(ev.method).steerer is not None:
+        raise LRSError(
+            f"--shadow scores an unsteered run; --method {ev.method} logs its own scores with --log-tokens"
+        )
+    log_tokens = ev.log_tokens or ev.shadow
+    so.log_events = so.log_events or log_tokens  # a latent steerer logs its per-token scores and events too
     model, tok = stages.load(build(C.ModelConfig, args))
-    res = stages.run_eval(model, tok, tc, gc, ev, build(C.SteerOverrides, args), rd)
+    # the shadow scorer: the artefacts LRS would use (--encoder/--reward), the gate forced off
+    shadow = stages.build_steerer("lrs", model, rd, so).shadow() if ev.shadow else None
+    with logging_defaults(EvalLog(tokens=True, shadow=shadow) if log_tokens else None):
+        res = stages.run_eval(model, tok, tc, gc, ev, so, rd)
     print(
         summary_line(res["summary"])
         + (" (cached: same cache key; --force to rerun)" if res.get("cached") else "")
@@ -280,6 +302,28 @@ def cmd_demo(args) -> None:
     run_demo(build(C.ModelConfig, args), args.task, args.preset, args.run, args.seed)
 
 
+def cmd_best_of_n(args) -> None:
+    from lrs.artifacts import atomic_write_json
+    from lrs.encoders import load_encoder
+    from lrs.reward import load_reward_model
+    from lrs.selection import best_of_n, candidates_from_traces, format_best_of_n
+    from lrs.steering.latent import check_pair
+    from lrs.traces import TraceSet
+
+    rd = _rd(args)
+    out = check_file_target(Path(args.out) if args.out else Path(args.traces) / "best-of-n.json", "--out")
+    ts = TraceSet(args.traces)
+    enc = load_encoder(Path(args.encoder) if args.encoder else rd.encoder)
+    rm = load_reward_model(Path(args.reward) if args.reward else rd.reward)
+    check_pair(enc, rm)
+    res = best_of_n(candidates_from_traces(ts, enc, rm))
+    res.update(traces=str(ts.path), traces_fingerprint=ts.fingerprint(), encoder=str(args.encoder or rd.encoder),
+               reward=str(args.reward or rd.reward))  # fmt: skip
+    atomic_write_json(out, res)
+    print(format_best_of_n(res))
+    print(f"saved: {out}")
+
+
 def cmd_report(args) -> None:
     from lrs.report import write_report
 
@@ -299,6 +343,7 @@ COMMANDS = {
     "train-vectors": cmd_train_vectors,
     "demo": cmd_demo,
     "report": cmd_report,
+    "best-of-n": cmd_best_of_n,
 }
 
 

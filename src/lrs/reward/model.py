@@ -412,9 +412,10 @@ def r_quantiles(rm: RewardModel, latents: list[torch.Tensor]) -> dict:
     Stored with the reward model (``metrics["r_quantiles"]``) so the gate can be set on a calibrated scale.
     """
     scores = score_traces(rm, latents)
-    r = torch.cat([torch.sigmoid(s[QUANTILE_FROM:]) for s in scores if len(s) > QUANTILE_FROM])
-    if len(r) == 0:
+    parts = [torch.sigmoid(s[QUANTILE_FROM:]) for s in scores if len(s) > QUANTILE_FROM]
+    if not parts:
         return dict(from_position=QUANTILE_FROM, n=0, levels=[], values=[])
+    r = torch.cat(parts)
     vals = torch.quantile(r.double(), torch.tensor(QUANTILE_LEVELS, dtype=torch.float64))
     return dict(from_position=QUANTILE_FROM, n=len(r), levels=list(QUANTILE_LEVELS), values=vals.tolist())
 
