@@ -147,6 +147,9 @@ class SteerOverrides:
     vectors: str | None = opt(
         None, "steering vectors artefact for --method vectors (e.g. from lrs train-vectors)"
     )
+    adapter: str | None = opt(
+        None, "PEFT LoRA adapter folder for --method lora (e.g. from lrs train-vectors)"
+    )
     log_events: bool = opt(False, "record per-token r, c, steered, |dh| in the JSONL")
 
     def values(self) -> dict:

@@ -232,6 +232,12 @@ def build_steerer(method: str, model, rd: RunDir, so: SteerOverrides, tuned: dic
     m = get_method(method)
     if m.steerer is None:
         return None
+    if m.steerer == "adapter":
+        from lrs.steering.adapter import LoraAdapter
+
+        if not so.adapter:
+            raise LRSError(f"--method {method} needs --adapter DIR (e.g. <run>/rl/lora-verifier/adapter)")
+        return LoraAdapter(so.adapter)
     if m.steerer in ("file", "file-random"):
         if not so.vectors:
             raise LRSError(
@@ -439,7 +445,7 @@ def run_eval(
     out = check_dir_target(Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split), "--out")
     check_budget(model, gc.max_new_tokens)
     tuned = None
-    if so.tuned and m.steerer:
+    if so.tuned and m.steerer and m.steerer not in ("file", "file-random", "adapter"):
         tuned = rd.load_tuned(artefact_key(rd, so))
         if ev.method not in tuned:
             raise LRSError(

@@ -16,7 +16,7 @@ class Method:
     """One evaluation method.
 
     ``steerer`` is ``None`` (prompting only), ``"latent"`` (:class:`~lrs.steering.latent.LatentRewardSteerer`),
-    ``"vector"`` (diffmean, built from the run's traces) or ``"file"`` (a saved ``SteeringVectors`` artefact); ``gate`` and ``control`` configure the latent
+    ``"vector"`` (diffmean, built from the run's traces) ``"file"`` (a saved ``SteeringVectors`` artefact) or ``"adapter"`` (a PEFT LoRA folder); ``gate`` and ``control`` configure the latent
     steerer; ``tuned`` names the settings ``lrs tune`` chooses for it on dev.
     """
 
@@ -57,6 +57,11 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "vectors", "steering vectors from a file (e.g. RL-trained by lrs train-vectors)", steerer="file"
+        ),
+        Method(
+            "lora",
+            "a LoRA adapter folder (e.g. RL-trained by lrs train-vectors --param lora)",
+            steerer="adapter",
         ),
         Method(
             "vectors-random",
