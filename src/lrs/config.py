@@ -69,9 +69,13 @@ class CollectConfig:
     samples_per_problem: int = opt(1, "sampled traces per problem")
     temperature: float = opt(0.0, "sampling temperature (0 = greedy)")
     out: str | None = opt(None, "trace directory (default <run>/traces)")
+    rollouts: int = opt(0, "value labels: sampled continuations per prefix (0: none; for --objective value)")
+    rollout_every: int = opt(64, "value labels: a prefix every N generated tokens")
 
     def __post_init__(self) -> None:
         _at_least(self, "samples_per_problem", 1)
+        _at_least(self, "rollouts", 0)
+        _at_least(self, "rollout_every", 1)
         _finite(self, "temperature", low=0.0)
         if self.samples_per_problem > 1 and self.temperature <= 0:
             raise LRSError(
@@ -111,8 +115,9 @@ class RewardTrainConfig:
     objective: str = opt(
         "trajectory",
         "trajectory: each token gets its trace's label; centred: label vs the problem's success rate; "
-        "pairwise: right vs wrong traces of one problem (centred/pairwise need --samples-per-problem > 1)",
-        choices=("trajectory", "centred", "pairwise"),
+        "pairwise: right vs wrong traces of one problem (centred/pairwise need --samples-per-problem > 1); "
+        "value: P(correct | prefix) from rollout labels (collect --rollouts)",
+        choices=("trajectory", "centred", "pairwise", "value"),
     )
     eval_traces: str | None = opt(
         None, "second trace set on other problems: the report is repeated on it, with within-problem AUROC"

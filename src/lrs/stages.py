@@ -79,6 +79,8 @@ def collect(model, tok, probs: list[Problem], rd: RunDir, gc: GenConfig, cc: Col
         batch_size=gc.batch_size,
         seed=gc.seed,
         meta=meta,
+        rollouts=cc.rollouts,
+        rollout_every=cc.rollout_every,
     )
 
 
@@ -160,6 +162,7 @@ def reward_inputs(ts, enc) -> dict:
             out["groups"].append(t.problem_id)
             out["conf"].append(t.conf.float())
             out["prompt"].append(t.prompt[L].float())
+    out["values"] = [r.get("values") for r in ts.records]  # Monte-Carlo value labels (collect --rollouts)
     return out
 
 
@@ -176,7 +179,7 @@ def train_reward(ts, enc, rc: RewardTrainConfig, seed: int = 0, heldout=None):
     h = reward_inputs(heldout, enc) if heldout is not None else None
     rm, report = train_reward_model(
         x["latents"], x["labels"], x["groups"], cfg=cfg, conf=x["conf"], prompt=x["prompt"], heldout=h,
-        truncated=[bool(r["truncated"]) for r in ts.records],
+        truncated=[bool(r["truncated"]) for r in ts.records], values=x["values"],
     )  # fmt: skip
     rm.provenance = traces_provenance(ts, enc.layer) | dict(
         encoder_hash=encoder_hash(enc), encoder_kind=enc.kind, n_latents=enc.n_latents

@@ -175,11 +175,16 @@ def collect_traces(
     prompt_style: str = "base",
     meta: dict | None = None,
     progress: bool = True,
+    rollouts: int = 0,
+    rollout_every: int = 64,
+    rollout_temperature: float = 0.7,
 ) -> TraceSet:
     """Generate traces for ``problems`` and store hidden states at ``layers``; resumes an unfinished run.
 
     Rerunning with the same settings continues where a killed run stopped; different settings in an
-    existing directory are refused (use a new directory).
+    existing directory are refused (use a new directory). With ``rollouts`` M > 0, every ``rollout_every``
+    tokens of each trace get a Monte-Carlo value label (fraction of M sampled continuations that end correct,
+    :func:`lrs.rollouts.rollout_values`), stored in the trace's record as ``values`` with the batch's shard.
     """
     if not problems:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
@@ -210,6 +215,10 @@ def collect_traces(
             prompt_style=prompt_style,
             **(meta or {}),
         )
+        if rollouts:  # only then: older collections keep resuming under their old config
+            config.update(
+                rollouts=rollouts, rollout_every=rollout_every, rollout_temperature=rollout_temperature
+            )
         manifest = {"config": config, "n_batches": len(batches), "batches": [], "lrs_version": __version__}
         mf = out / MANIFEST
         if mf.exists():
@@ -246,6 +255,16 @@ def collect_traces(
                 progress=False,
             )
             grades = grade([g.text for g in gens], [jobs[i][0].answer for i in idx])
+            values = None
+            if rollouts:
+                from lrs.rollouts import rollout_values
+
+                values = rollout_values(
+                    model, tokenizer, [prompts[i] for i in idx], [g.token_ids for g in gens],
+                    [jobs[i][0].answer for i in idx], m=rollouts, every=rollout_every,
+                    max_new_tokens=max_new_tokens, temperature=rollout_temperature, batch_size=batch_size,
+                    seed=seed * 1_000_003 + b,
+                )  # fmt: skip
             r: _Recorder = rec["r"]
             tensors, records = {}, []
             for row, (i, g, gr) in enumerate(zip(idx, gens, grades, strict=True)):
@@ -270,6 +289,8 @@ def collect_traces(
                         text=g.text,
                     )
                 )
+                if values is not None:
+                    records[-1]["values"] = values[row]
             shard = f"shard-{b:05d}.safetensors"
             atomic_save_tensors(out / shard, tensors)
             digest = hashlib.sha256((out / shard).read_bytes()).hexdigest()

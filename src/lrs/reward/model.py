@@ -65,7 +65,8 @@ class RewardConfig:
     success rate as a fixed offset, on problems with both right and wrong traces only, so the score only has to
     explain how a trace differs from the other traces of its problem | pairwise: within a problem, every (right, wrong) pair at every shared
     position, loss softplus(s_wrong - s_right). centred and pairwise need several traces per problem and
-    select the epoch on within-problem AUROC"""
+    select the epoch on within-problem AUROC | value: the logit after t tokens regresses (BCE with soft
+    targets) on Monte-Carlo value labels P(correct | prefix) from ``lrs collect --rollouts``"""
     seed: int = 0
     """seeds the split, the initialisation, dropout and batch order"""
     max_len: int = 1024

@@ -163,7 +163,13 @@ def format_report(report: dict) -> str:
         f"{(report.get('selected_on') or {}).get('n_problems', '?')} other problems at t="
         f"{'/'.join(str(t) for t in (report.get('selected_on') or {}).get('positions', []))}"
     )
-    lines = [head, *_table(report, "report AUROC")]
+    lines = [head, f"objective: {report.get('objective', 'trajectory')}", *_table(report, "report AUROC")]
+    vf = report.get("value_fit")
+    if vf:
+        lines.append(
+            f"value fit on the report traces' rollout labels ({vf['n_points']} prefixes): Pearson r "
+            f"{vf['pearson']:.2f}, Brier {vf['brier']:.3f} (constant predictor {vf['brier_constant']:.3f})"
+        )
     h = report.get("heldout")
     if h:
         lines.append(

@@ -21,6 +21,7 @@ from lrs.reward.model import (
     _prefix_scores,
     _val_score,
     r_quantiles,
+    score_traces,
 )
 from lrs.reward.quality import _quality, verdict
 from lrs.stats import within_group_auroc
@@ -153,6 +154,7 @@ def train_reward_model(
     prompt: list[torch.Tensor] | None = None,
     heldout: dict | None = None,
     truncated: list[bool] | None = None,
+    values: list | None = None,
     progress: bool = True,
 ) -> tuple[RewardModel, dict]:
     """Train on traces split by problem, select on val AUROC at absolute positions; returns (model, report).
@@ -160,6 +162,9 @@ def train_reward_model(
     ``heldout`` (keys latents, labels, groups, conf, prompt) is a second trace set on other problems, e.g.
     dev problems sampled several times each; the report is repeated on it (``report["heldout"]``), which gives
     within-problem AUROC many more mixed problems than the val split of a greedy trace set.
+
+    ``values`` (per trace ``[[t, v], ...]`` or None, from ``lrs collect --rollouts``) are the Monte-Carlo value
+    labels the ``value`` objective regresses on: the logit after t tokens is fitted to P(correct | prefix).
     """
     cfg = cfg or RewardConfig()
     if cfg.objective not in OBJECTIVES:
@@ -179,7 +184,16 @@ def train_reward_model(
                 raise LRSError(
                     f"after dropping truncated traces the {side} problems lack correct or wrong traces"
                 )
-    if cfg.objective != "trajectory":
+    vt = None
+    if cfg.objective == "value":
+        vt = value_targets(values, labels, [len(z) for z in latents], cfg.max_len)
+        for side, idx in (("fit", tr), ("selection", va)):
+            if not any(values[i] for i in idx):
+                raise LRSError(
+                    f"the value objective needs value labels and the {side} traces have none: collect with "
+                    "--rollouts 4 --rollout-every 64"
+                )
+    elif cfg.objective != "trajectory":
         gs = list(groups)
         for side, idx in (("fit", tr), ("selection", va)):
             if not _mixed_groups([gs[i] for i in idx], y[idx]):
@@ -194,8 +208,10 @@ def train_reward_model(
         np.random.seed(cfg.seed)
         rm = RewardModel(xs[0].shape[1], cfg)
         rm.set_standardisation(torch.cat([xs[i] for i in tr]))
-        rm, best_epoch, history = _fit(rm, xs, y, list(groups), tr, va, progress)
+        rm, best_epoch, history = _fit(rm, xs, y, list(groups), tr, va, progress, vt)
     report = _quality(rm, xs, y, list(groups), tr, rep, conf, prompt)
+    if vt is not None:
+        report["value_fit"] = value_fit(rm, [xs[i] for i in rep], [values[i] for i in rep])
     report["r_quantiles"] = r_quantiles(rm, [xs[i] for i in va]) | dict(traces="select")
     rm.metrics = {"r_quantiles": report["r_quantiles"]}  # usable before the model is saved and loaded
     report.update(
@@ -227,7 +243,47 @@ def _prep(latents: list[torch.Tensor], max_len: int) -> list[torch.Tensor]:
     return [z[:max_len].detach().float().cpu() for z in latents]
 
 
-OBJECTIVES = ("trajectory", "centred", "pairwise")
+OBJECTIVES = ("trajectory", "centred", "pairwise", "value")
+
+
+def value_targets(values: list | None, labels, lengths: list[int], max_len: int) -> list[torch.Tensor]:
+    """Per trace, a [T] target (nan where unlabelled): value v at position t - 1 (the logit after t tokens) for
+    each rollout label ``[t, v]``, and the trace's own label at its last token (one rollout of the full prefix).
+    """
+    if values is None or len(values) != len(lengths):
+        raise LRSError(
+            "the value objective needs value labels for every trace: collect with --rollouts 4 --rollout-every 64"
+        )
+    out = []
+    for vals, y, n in zip(values, labels, lengths, strict=True):
+        T = min(n, max_len)
+        tgt = torch.full((T,), math.nan)
+        for t, v in vals or []:
+            if 1 <= t <= T:
+                tgt[int(t) - 1] = float(v)
+        if n <= max_len:
+            tgt[T - 1] = float(y)
+        out.append(tgt)
+    return out
+
+
+def value_fit(rm, latents: list[torch.Tensor], values: list) -> dict:
+    """How well the reward probability after t tokens matches held-out rollout values: Pearson r and Brier
+    score over every ``[t, v]`` label (end-of-trace labels excluded), next to a constant predictor's Brier."""
+    scores = score_traces(rm, latents)
+    pred, target = [], []
+    for s, vals in zip(scores, values, strict=True):
+        for t, v in vals or []:
+            if 1 <= t <= len(s):
+                pred.append(float(torch.sigmoid(s[int(t) - 1])))
+                target.append(float(v))
+    if len(pred) < 3:
+        return dict(n_points=len(pred), pearson=math.nan, brier=math.nan, brier_constant=math.nan)
+    p, v = np.asarray(pred), np.asarray(target)
+    r = float(np.corrcoef(p, v)[0, 1]) if p.std() > 0 and v.std() > 0 else math.nan
+    return dict(
+        n_points=len(pred), pearson=r, brier=float(np.mean((p - v) ** 2)), brier_constant=float(np.var(v))
+    )
 
 
 def _mixed_groups(groups: list[str], y: np.ndarray) -> set[str]:
@@ -274,6 +330,11 @@ def _batches(order: list[int], groups: list[str], size: int, by_problem: bool) -
 def _loss(rm, objective, z, valid, yb, off, w_cls) -> torch.Tensor:
     """The training loss of one batch under ``objective`` (see :class:`RewardConfig`)."""
     s = rm(z, valid)
+    if objective == "value":  # off: the padded [B, T] value targets, nan where unlabelled
+        m = valid & ~torch.isnan(off)
+        if not m.any():
+            return s.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(s[m], off[m])
     target = yb.float()[:, None].expand_as(valid)
     if objective == "trajectory":
         w = w_cls[yb][:, None] * valid
@@ -297,11 +358,19 @@ def _pairwise_loss(s, valid, yb, grp) -> torch.Tensor:
     return (F.softplus(s[neg] - s[pos]) * m).sum() / m.sum().clamp(min=1)
 
 
-def _select_score(rm, xs, y, groups, va, objective) -> float:
+def _select_score(rm, xs, y, groups, va, objective, vt=None) -> float:
     """Epoch-selection score on the selection problems at the fixed positions only (never "end").
 
-    trajectory: AUROC across traces; centred/pairwise: within-problem AUROC (what those objectives target).
+    trajectory: AUROC across traces; centred/pairwise: within-problem AUROC (what those objectives target);
+    value: minus the Brier score against the value labels.
     """
+    if objective == "value":  # negative Brier score of r against the selection traces' value labels
+        err = []
+        for s, tgt in zip(score_traces(rm, [xs[i] for i in va]), [vt[i] for i in va], strict=True):
+            m = ~torch.isnan(tgt)
+            err.append(((torch.sigmoid(s[m]) - tgt[m]) ** 2).numpy())
+        flat = np.concatenate(err) if err else np.array([])
+        return -float(flat.mean()) if len(flat) else math.nan
     scores = _prefix_scores(rm, [xs[i] for i in va])
     if objective == "trajectory":
         return _val_score(_aucs_at(scores, y[va]))
@@ -316,7 +385,7 @@ def _select_score(rm, xs, y, groups, va, objective) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _fit(rm, xs, y, groups, tr, va, progress) -> tuple[RewardModel, int, list[float]]:
+def _fit(rm, xs, y, groups, tr, va, progress, vt=None) -> tuple[RewardModel, int, list[float]]:
     cfg = rm.cfg
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tok = {c: sum(len(xs[i]) for i in tr if y[i] == c) for c in (0, 1)}
@@ -338,12 +407,17 @@ def _fit(rm, xs, y, groups, tr, va, progress) -> tuple[RewardModel, int, list[fl
         for idx in _batches(order, groups, cfg.batch_size, by_problem=cfg.objective == "pairwise"):
             z, valid = _pad([xs[i] for i in idx])
             yb = torch.as_tensor(y[idx])
-            extra = grp[idx] if cfg.objective == "pairwise" else off[idx]
+            if cfg.objective == "value":
+                extra = torch.nn.utils.rnn.pad_sequence(
+                    [vt[i] for i in idx], batch_first=True, padding_value=math.nan
+                )
+            else:
+                extra = grp[idx] if cfg.objective == "pairwise" else off[idx]
             loss = _loss(rm, cfg.objective, z, valid, yb, extra, w_cls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        score = _select_score(rm, xs, y, groups, va, cfg.objective)
+        score = _select_score(rm, xs, y, groups, va, cfg.objective, vt)
         history.append(score)
         if score > best:
             best, best_epoch, bad = score, epoch + 1, 0
