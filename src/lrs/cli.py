@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lrs: interrupted (finished shards and results are kept; rerun to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lrs ... | head`: the reader left; say nothing more and exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 
