@@ -196,3 +196,20 @@ def test_grouped_auroc_ci_within_problems_ignores_the_difficulty_between_them():
     good = difficulty + y * 2 + rng.normal(0, 1, len(y))
     lo, hi = grouped_auroc_ci(good, y, groups, within=True)
     assert 0.7 < lo <= within_group_auroc(good, y, groups)[0] <= hi
+
+
+def test_mcnemar_power_and_minimum_detectable_effect_match_exact_binomial_sums():
+    from scipy.stats import binom
+
+    from lrs.stats import mcnemar_mde, mcnemar_power
+
+    # 20 discordant pairs: the exact test rejects at k <= 5 or k >= 15 (p = 0.041), not at 6 / 14 (p = 0.115)
+    want = binom.sf(14, 20, 0.8) + binom.cdf(5, 20, 0.8)
+    assert mcnemar_power(20, 0.8) == pytest.approx(want)
+    assert mcnemar_power(20, 0.5) == pytest.approx(2 * binom.cdf(5, 20, 0.5))  # the test's own size
+    assert mcnemar_power(0, 0.9) == 0.0
+    mde = mcnemar_mde(300, 20 / 300)  # 20 discordant pairs among 300 problems
+    q = (mde * 300 / 20 + 1) / 2  # the share of fixes that effect needs
+    assert mcnemar_power(20, q) >= 0.8 > mcnemar_power(20, q - 0.002)
+    assert 0.035 < mde < 0.045  # ~ 4 points: what n = 300 with a 7 % discordance rate can detect
+    assert math.isnan(mcnemar_mde(10, 0.1))  # one discordant pair: never significant

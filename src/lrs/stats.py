@@ -225,3 +225,29 @@ def grouped_auroc_ci(
         return (math.nan, math.nan)
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
     return (float(lo), float(hi))
+
+
+def mcnemar_power(n_discordant: int, share_fixed: float, alpha: float = 0.05) -> float:
+    """Power of the exact two-sided McNemar test with ``n_discordant`` discordant pairs when a discordant pair
+    is a fix with probability ``share_fixed`` (computed exactly over the binomial outcomes)."""
+    from scipy.stats import binom
+
+    m = int(n_discordant)
+    if m <= 0:
+        return 0.0
+    ks = np.arange(m + 1)
+    reject = np.array([binomtest(int(k), m, 0.5).pvalue <= alpha for k in ks])
+    return float(binom.pmf(ks, m, share_fixed)[reject].sum())
+
+
+def mcnemar_mde(n: int, discordant_rate: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect of a paired comparison on ``n`` problems: the smallest net accuracy change
+    (fixed − broken)/n that the exact McNemar test detects with ``power``, when a fraction ``discordant_rate``
+    of problems change outcome. ``nan`` when no split of the discordant pairs reaches that power."""
+    if n <= 0 or not 0 < discordant_rate <= 1:
+        raise LRSError(f"mcnemar_mde needs n > 0 and 0 < discordant_rate <= 1, got n={n}, {discordant_rate}")
+    m = max(1, round(n * discordant_rate))
+    for q in np.linspace(0.5, 1.0, 501):
+        if mcnemar_power(m, float(q), alpha) >= power:
+            return float((2 * q - 1) * m / n)
+    return math.nan
