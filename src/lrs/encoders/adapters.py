@@ -17,21 +17,44 @@ from lrs.encoders.base import (
 from lrs.encoders.topk import TopKSAE
 from lrs.errors import LRSError
 
+#: Hook names whose activations are the output of decoder block L, i.e. what ``layer=L`` steers.
+#: TransformerLens (SAELens): ``blocks.L.hook_resid_post`` is block L's output and ``blocks.L.hook_resid_pre``
+#: its input, i.e. block L-1's output (L=0 is the embeddings: no block output). Hugging Face module names
+#: (SAELens on HF models, sparsify): ``model.layers.L`` / ``layers.L`` / ``transformer.h.L`` /
+#: ``gpt_neox.layers.L`` are block L's output. In HF ``hidden_states`` indices block L's output is
+#: ``hidden_states[L + 1]`` (``hidden_states[0]`` is the embeddings) except for the last block, whose
+#: ``hidden_states`` entry is taken after the final norm; lrs hooks the block itself, as TransformerLens does.
+_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
+_RESID_PRE = re.compile(r"blocks\.(\d+)\.hook_resid_pre")
+_HF_BLOCK = re.compile(r"(?:(?:model|transformer|gpt_neox)\.)?(?:layers|h)\.(\d+)")
+
+
+def resid_layer(hook: str | None) -> int | None:
+    """The block whose output hook ``hook`` reads (``layer=L`` in lrs), or None if it reads anything else.
+
+    ``blocks.L.hook_resid_post`` and HF ``model.layers.L`` give L; ``blocks.L.hook_resid_pre`` gives L-1
+    (None for L=0, the embeddings); MLP/attention outputs, ``hook_resid_mid`` and unknown names give None.
+    """
+    hook = hook or ""
+    if m := _RESID_POST.fullmatch(hook):
+        return int(m.group(1))
+    if (m := _RESID_PRE.fullmatch(hook)) and int(m.group(1)) > 0:
+        return int(m.group(1)) - 1
+    if m := _HF_BLOCK.fullmatch(hook):
+        return int(m.group(1))
+    return None
+
 
 def _layer_from_hook(hook: str | None, layer: int | None, what: str) -> int | None:
     """Block index whose output a hook name reads (HF convention: output of block L), or the given layer."""
     if layer is not None:
         return layer
-    hook = hook or ""
-    if m := re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook):
-        return int(m.group(1))
-    if (m := re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)) and int(m.group(1)) > 0:
-        return int(m.group(1)) - 1
-    if m := re.fullmatch(r"(?:(?:model|transformer|gpt_neox)\.)?(?:layers|h)\.(\d+)", hook):
-        return int(m.group(1))
-    raise LRSError(
-        f"cannot tell which block output {what} hook {hook!r} reads: pass layer=L (output of block L)"
-    )
+    found = resid_layer(hook)
+    if found is None:
+        raise LRSError(
+            f"cannot tell which block output {what} hook {hook!r} reads: pass layer=L (output of block L)"
+        )
+    return found
 
 
 class SAELensEncoder(nn.Module):
@@ -61,11 +84,38 @@ class SAELensEncoder(nn.Module):
 
     def config(self) -> dict:
         c = {"kind": self.kind, "layer": self.layer, "d_model": self.d_model, "n_latents": self.n_latents}
-        return c | {"hook_name": _saelens_hook(self.sae), **self.source}
+        c |= {"hook_name": _saelens_hook(self.sae), **self.source}
+        to_dict = getattr(self.sae.cfg, "to_dict", None)
+        if callable(to_dict):  # the SAE's own config: enough to rebuild it from the tensors (from_saved)
+            c["saelens_cfg"] = to_dict()
+        return c
 
     def tensors(self) -> dict[str, Tensor]:
-        names = ["W_enc", "b_enc", "W_dec", "b_dec"]
-        return {n: getattr(self.sae, n).detach().float().cpu().contiguous() for n in names}
+        """Every parameter and buffer of the SAE (float32 copies): JumpReLU thresholds and gated SAEs'
+        gates are part of what it computes, so they are part of its hash."""
+        state = self.sae.state_dict()
+        return {
+            n: (t.detach().float() if t.is_floating_point() else t.detach()).cpu().contiguous()
+            for n, t in state.items()
+        }
+
+    @classmethod
+    def from_saved(cls, config: dict, tensors: dict[str, Tensor]) -> SAELensEncoder:
+        """Rebuild the SAE from a saved artefact alone (its ``saelens_cfg`` and tensors; needs sae_lens).
+
+        :func:`lrs.encoders.load_encoder` reloads SAELens artefacts by release and id instead; this is the
+        by-value path for artefacts whose source is gone."""
+        cfg = config.get("saelens_cfg")
+        if not isinstance(cfg, dict):
+            raise LRSError("this SAELens encoder artefact does not hold the SAE's config: import it again")
+        try:
+            from sae_lens import SAE
+        except ImportError:
+            raise LRSError("SAELens adapter needs `pip install lrs[saelens]`") from None
+        sae = SAE.from_dict({**cfg, "device": "cpu"})
+        sae.load_state_dict(tensors)
+        source = {k: config[k] for k in ("release", "sae_id") if k in config}
+        return check_saelens(cls(sae.eval(), layer=config.get("layer"), source=source))
 
 
 def _saelens_hook(sae: Any) -> str | None:
@@ -77,25 +127,62 @@ def _saelens_hook(sae: Any) -> str | None:
     return hook
 
 
+def check_saelens(enc: SAELensEncoder) -> SAELensEncoder:
+    """Refuse SAEs whose ``decode(z_new) - decode(z_old)`` is not a hidden-state change lrs can add.
+
+    Transcoders predict another module's output; ``layer_norm`` / ``constant_norm_rescale`` normalisation
+    rescales the output by statistics of the input the decoder does not see; attention ``hook_z`` SAEs read
+    per-head values, not the residual stream."""
+    cfg = enc.sae.cfg
+    arch = cfg.architecture() if callable(getattr(cfg, "architecture", None)) else ""
+    norm = getattr(cfg, "normalize_activations", "none")
+    if "transcoder" in str(arch).lower():
+        raise LRSError(f"this SAELens SAE is a {arch} (predicts another module's output), not an autoencoder")
+    if norm in ("layer_norm", "constant_norm_rescale"):
+        raise LRSError(
+            f"SAELens SAEs with normalize_activations={norm!r} decode relative to each input's own norm: "
+            "lrs cannot turn a latent change into a hidden-state change with them"
+        )
+    if getattr(cfg, "reshape_activations", "none") == "hook_z":
+        raise LRSError("this SAELens SAE reads attention heads (hook_z), not the residual stream")
+    return enc
+
+
 def from_saelens(
     sae_or_release: Any, sae_id: str | None = None, *, layer: int | None = None, device: str = "cpu"
 ) -> SAELensEncoder:
-    """Wrap a SAELens SAE object, or load `SAE.from_pretrained(release, sae_id)` (needs `lrs[saelens]`)."""
+    """Wrap a SAELens SAE object, load a local SAELens folder (``SAE.save_model`` output: ``cfg.json`` +
+    ``sae_weights.safetensors``) or `SAE.from_pretrained(release, sae_id)` (needs `lrs[saelens]`).
+
+    A folder is recorded by its absolute path (``release``; ``sae_id`` None), a release by name and id:
+    :func:`lrs.encoders.load_encoder` reloads the SAE from there.
+    """
     source = None
-    if isinstance(sae_or_release, str):
-        if sae_id is None:
-            raise LRSError("from_saelens(release, sae_id): give the SAE id inside the release too")
+    if isinstance(sae_or_release, str | Path):
+        local = Path(sae_or_release)
+        folder = local.is_dir() and (local / "cfg.json").is_file()
+        if sae_id is None and not folder:
+            raise LRSError(
+                "from_saelens(release, sae_id): give the SAE id inside the release too "
+                f"(or a SAELens folder with cfg.json; {str(local)!r} is not one)"
+            )
         try:
             from sae_lens import SAE
         except ImportError:
             raise LRSError("SAELens adapter needs `pip install lrs[saelens]`") from None
         try:
-            out = SAE.from_pretrained(sae_or_release, sae_id, device=device)
+            if folder:
+                out = SAE.load_from_disk(str(local.resolve()), device=device)
+            else:
+                out = SAE.from_pretrained(str(sae_or_release), sae_id, device=device)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise LRSError(f"SAELens could not load {sae_or_release!r} / {sae_id!r}: {first}") from None
+            raise LRSError(f"SAELens could not load {str(sae_or_release)!r} / {sae_id!r}: {first}") from None
         sae = out[0] if isinstance(out, tuple) else out  # sae_lens < 6 returned (sae, cfg_dict, sparsity)
-        source = {"release": sae_or_release, "sae_id": sae_id}
+        if folder:
+            source = {"release": str(local.resolve()), "sae_id": None}
+        else:
+            source = {"release": str(sae_or_release), "sae_id": sae_id}
     else:
         sae = sae_or_release
     missing = [a for a in ("W_enc", "W_dec", "b_dec", "cfg", "encode", "decode") if not hasattr(sae, a)]
@@ -103,7 +190,8 @@ def from_saelens(
         raise LRSError(
             f"{type(sae).__name__} does not look like a SAELens SAE (missing {', '.join(missing)})"
         )
-    return SAELensEncoder(sae, layer=_layer_from_hook(_saelens_hook(sae), layer, "SAELens"), source=source)
+    enc = SAELensEncoder(sae, layer=_layer_from_hook(_saelens_hook(sae), layer, "SAELens"), source=source)
+    return check_saelens(enc)
 
 
 class SparsifyEncoder(nn.Module):
@@ -167,7 +255,12 @@ class SparsifyEncoder(nn.Module):
 def from_sparsify(
     coder_or_name: Any, hookpoint: str | None = None, *, layer: int | None = None, device: str = "cpu"
 ) -> SparsifyEncoder:
-    """Wrap a sparsify SparseCoder, or load one by hub name / local dir + hookpoint (needs `lrs[sparsify]`)."""
+    """Wrap a sparsify SparseCoder, or load one by hub name / local dir + hookpoint (needs `lrs[sparsify]`).
+
+    A local path may be the checkpoint folder (one sub-folder per hookpoint, ``hookpoint`` names it) or a
+    hookpoint folder itself (``cfg.json`` + ``sae.safetensors``; its name is the hookpoint). A skip connection
+    (``W_skip``) does not depend on the latents, so it drops out of ``decode_delta`` and is not copied.
+    """
     source = {}
     if isinstance(coder_or_name, str | Path):
         try:
@@ -175,6 +268,9 @@ def from_sparsify(
         except ImportError:
             raise LRSError("sparsify adapter needs `pip install lrs[sparsify]`") from None
         local = Path(coder_or_name)
+        if hookpoint is None and (local / "cfg.json").is_file():
+            hookpoint = local.name  # a hookpoint folder (sparsify saves one folder per hookpoint)
+            local = local.parent
         try:
             if local.exists():
                 coder = SparseCoder.load_from_disk(local / hookpoint if hookpoint else local, device=device)

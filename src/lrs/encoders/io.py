@@ -44,7 +44,11 @@ def load_encoder(path: str | Path) -> Encoder:
     c = meta["config"]
     config = {**c.get("options", {}), **_layer_cfg(c)}
     kind = c["kind"]
-    if kind == "saelens":
+    if kind == "saelens" and "saelens_cfg" in config:  # by value: the artefact alone rebuilds the SAE
+        from lrs.encoders.adapters import SAELensEncoder
+
+        enc = SAELensEncoder.from_saved(config, tensors)
+    elif kind == "saelens":
         if "release" not in config:
             raise LRSError(
                 f"{path}: a SAELens SAE wrapped from an object cannot be reloaded: use from_saelens()"
