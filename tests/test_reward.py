@@ -356,8 +356,8 @@ def test_within_problem_objectives_refuse_one_trace_per_problem_and_record_the_o
     d = synth(n_problems=30, k=1)
     with pytest.raises(LRSError, match="centred objective needs problems with both right and wrong traces"):
         train_reward_model(d["latents"], d["labels"], d["groups"], cfg=RewardConfig(objective="centred"))
-    with pytest.raises(LRSError, match="unknown reward objective 'value'"):
-        train_reward_model(d["latents"], d["labels"], d["groups"], cfg=RewardConfig(objective="value"))
+    with pytest.raises(LRSError, match="unknown reward objective 'nonsense'"):
+        train_reward_model(d["latents"], d["labels"], d["groups"], cfg=RewardConfig(objective="nonsense"))
     d = synth(n_problems=20, k=4)
     cfg = RewardConfig(objective="pairwise", epochs=1, **SMALL)
     rm, _ = train_reward_model(d["latents"], d["labels"], d["groups"], cfg=cfg, progress=False)

@@ -7,6 +7,7 @@ to the versions, device and code that produced it.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 import sys
@@ -79,8 +80,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else MPS, else CPU; an explicit device that is absent is a one-line error."""
+    """``auto`` -> CUDA if available, else MPS, else CPU; an explicit device that is absent is a one-line error.
+
+    Under a data-parallel launcher (WORLD_SIZE > 1), ``auto`` and ``cuda`` mean this process's GPU, LOCAL_RANK."""
     name = str(device or "auto")
+    local = os.environ.get("LOCAL_RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if name in ("auto", "cuda") and local is not None and torch.cuda.is_available():
+        name = f"cuda:{int(local)}"  # data-parallel launch: one GPU per process
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lrs import __version__
 from lrs.artifacts import atomic_save_tensors, atomic_write_json
+from lrs.distributed import barrier, share
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, generate, layer_output
 from lrs.grading import grade
@@ -195,7 +196,9 @@ def collect_traces(
     layers = sorted({resolve_layer(model, L) for L in layers})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", f"trace directory {out}"):
+    sh = share()
+    lock = out / (".lock" if sh.world == 1 else f".lock.rank{sh.rank}")
+    with exclusive(lock, f"trace directory {out}" + (f" (process {sh.rank})" if sh.world > 1 else "")):
         jobs = [(p, s) for p in problems for s in range(samples_per_problem)]
         prompts = build_prompts(tokenizer, [p for p, _ in jobs], style=prompt_style)
         order = sorted(range(len(jobs)), key=lambda i: (len(prompts[i]), i))
@@ -220,22 +223,15 @@ def collect_traces(
                 rollouts=rollouts, rollout_every=rollout_every, rollout_temperature=rollout_temperature
             )
         manifest = {"config": config, "n_batches": len(batches), "batches": [], "lrs_version": __version__}
-        mf = out / MANIFEST
-        if mf.exists():
-            old = json.loads(mf.read_text())
-            if old["config"] != config:
-                diff = sorted(
-                    k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k)
-                )
-                raise LRSError(
-                    f"{out} holds a collection with different settings ({', '.join(diff)}); use a new --out"
-                )
-            manifest = old
+        manifest["batches"] = list(_read_manifests(out, config).values())
+        mf = out / (MANIFEST if sh.world == 1 else f"manifest.rank{sh.rank}.json")
         done = {b["batch"] for b in manifest["batches"]}
-        bar = tqdm(total=len(jobs), desc="collect", unit="trace", disable=not progress, dynamic_ncols=True)
-        bar.update(sum(len(batches[b]) for b in done))
+        mine = [b for b in range(len(batches)) if sh.owns(b)]
+        bar = tqdm(total=sum(len(batches[b]) for b in mine), desc="collect", unit="trace", disable=not progress,
+                   dynamic_ncols=True)  # fmt: skip
+        bar.update(sum(len(batches[b]) for b in mine if b in done))
         for b, idx in enumerate(batches):
-            if b in done:
+            if b in done or not sh.owns(b):
                 continue
             rec: dict = {}
 
@@ -302,4 +298,40 @@ def collect_traces(
             acc = sum(t["label"] for x in manifest["batches"] for t in x["traces"]) / max(n, 1)
             bar.set_postfix(acc=f"{acc:.2f}")
         bar.close()
+    barrier(sh)
+    if sh.main:  # one manifest.json, as one process writes it; the per-process manifests go
+        with exclusive(out / ".lock", f"trace directory {out}"):
+            _merge_manifests(out, manifest | {"batches": []})
+    barrier(sh)
     return TraceSet(out)
+
+
+def _read_manifests(out: Path, config: dict) -> dict[int, dict]:
+    """Finished batches recorded in ``manifest.json`` and in any per-process manifest, by batch number.
+
+    Every manifest found must hold the same settings (else one line: use a new directory)."""
+    found: dict[int, dict] = {}
+    for f in [out / MANIFEST, *sorted(out.glob("manifest.rank*.json"))]:
+        if not f.exists():
+            continue
+        old = json.loads(f.read_text())
+        if old["config"] != config:
+            diff = sorted(
+                k for k in set(config) | set(old["config"]) if config.get(k) != old["config"].get(k)
+            )
+            raise LRSError(
+                f"{out} holds a collection with different settings ({', '.join(diff)}); use a new --out"
+            )
+        found.update({b["batch"]: b for b in old["batches"]})
+    return dict(sorted(found.items()))
+
+
+def _merge_manifests(out: Path, empty: dict) -> None:
+    """Write ``manifest.json`` holding every finished batch (sorted), then remove the per-process manifests."""
+    ranks = sorted(out.glob("manifest.rank*.json"))
+    if not ranks:
+        return
+    merged = empty | {"batches": list(_read_manifests(out, empty["config"]).values())}
+    atomic_write_json(out / MANIFEST, merged)
+    for f in ranks:
+        f.unlink()
