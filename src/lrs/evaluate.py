@@ -3,19 +3,29 @@
 A method is a prompt style (``base``, ``cot``, ``fewshot``) optionally combined with a steerer (any object
 with ``context(batch, indices, tracker)`` returning a context manager, and ``stats()`` returning a dict);
 steering methods use the ``base`` prompt so comparisons against base isolate the steering.
+
+Logging (:class:`EvalLog`, ``lrs eval --log-tokens`` / ``--shadow``) adds per-token fields to each record:
+``token_ids``, ``finish_reason``, ``p_top1``/``p_top2``, and for latent steering (or a shadow scorer on an
+unsteered run) ``events`` with every token's reward and each steering event's details. It only reads: the
+generated tokens are the same with and without it, and without it the decode loop runs the same code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from lrs.artifacts import atomic_write_json, atomic_write_text
+from lrs.artifacts import atomic_save_tensors, atomic_write_json, atomic_write_text
 from lrs.environment import git_revision, versions
 from lrs.errors import LRSError
 from lrs.generation import generate
@@ -25,7 +35,56 @@ from lrs.runs import cache_key
 from lrs.stats import paired_comparison, proportion_ci
 from lrs.tasks import Problem, build_prompts
 
+if TYPE_CHECKING:
+    from lrs.steering.base import Steerer
+
 PROMPT_METHODS = ("base", "cot", "fewshot")
+
+#: encoders up to this width log an event's latents inline in the JSONL; wider ones in ``<name>.latents.safetensors``
+INLINE_LATENTS = 64
+
+
+@dataclass(frozen=True)
+class EvalLog:
+    """What an evaluation logs beyond the default record (part of the cache key only when it adds something).
+
+    ``tokens``: per record ``token_ids`` (generated only), ``finish_reason`` (eos / stop / length), and per
+    generated token ``p_top1``/``p_top2`` (the two largest next-token probabilities of the raw logits).
+    ``shadow``: for an unsteered run, a never-firing latent scorer (:meth:`LatentRewardSteerer.shadow`) whose
+    per-token ``events`` (r, c) go into the records: the base side of a base-vs-LRS comparison.
+    A latent steerer's own ``log_events`` adds its ``events`` whatever this says.
+    """
+
+    tokens: bool = False
+    shadow: Steerer | None = None
+
+
+_LOG_DEFAULT: ContextVar[EvalLog | None] = ContextVar("lrs_eval_log", default=None)
+
+
+@contextlib.contextmanager
+def logging_defaults(log: EvalLog | None) -> Iterator[None]:
+    """Make ``log`` the logging of every :func:`evaluate` call in the block that does not pass its own.
+
+    This is how ``lrs eval`` hands its logging flags through the stage functions, which do not know them.
+    """
+    token = _LOG_DEFAULT.set(log)
+    try:
+        yield
+    finally:
+        _LOG_DEFAULT.reset(token)
+
+
+def log_parts(log: EvalLog | None, steerer=None) -> dict:
+    """The logging that changes a result's file: {} for none, else what is logged (shadow by fingerprint)."""
+    parts: dict = {}
+    if log is not None and log.tokens:
+        parts["tokens"] = True
+    if getattr(steerer, "log_events", False):
+        parts["events"] = True
+    if log is not None and log.shadow is not None:
+        parts["shadow"] = log.shadow.fingerprint()
+    return parts
 
 
 def _ids_hash(problems: Sequence[Problem]) -> str:
@@ -43,8 +102,13 @@ def result_key(
     seed: int,
     shots: int = 4,
     fewshot_pool: Sequence[Problem] | None = None,
+    log: EvalLog | None = None,
 ) -> tuple[str, dict]:
-    """The cache key of a result and the parts it hashes (recorded in the summary)."""
+    """The cache key of a result and the parts it hashes (recorded in the summary).
+
+    Logging that adds fields to the records is a part (``log``) only when there is some, so results
+    without logging keep the keys they always had, and a result without logs never answers a run that asks
+    for them."""
     style = method if method in PROMPT_METHODS else "base"
     parts = dict(
         method=method,
@@ -59,7 +123,25 @@ def result_key(
     )
     if style == "fewshot":
         parts.update(shots=shots, pool=_ids_hash(fewshot_pool or []))
+    logged = log_parts(log, steerer)
+    if logged:
+        parts["log"] = logged
     return cache_key(parts), parts
+
+
+def _unlogged_key(parts: dict) -> str:
+    """The key the same result would have without any logging."""
+    return cache_key({k: v for k, v in parts.items() if k != "log"})
+
+
+def _reusable(summary: dict, key: str, parts: dict) -> bool:
+    """An existing result answers this run: same key, or the same result logged with at least what is asked."""
+    if summary.get("cache_key") == key:
+        return True
+    if summary.get("unlogged_key") != _unlogged_key(parts):
+        return False
+    have = (summary.get("key_parts") or {}).get("log") or {}
+    return all(have.get(k) == v for k, v in (parts.get("log") or {}).items())
 
 
 def evaluate(
@@ -79,8 +161,13 @@ def evaluate(
     fewshot_pool: Sequence[Problem] | None = None,
     extra: dict | None = None,
     progress: bool = True,
+    log: EvalLog | None = None,
 ) -> dict:
     """Generate greedily for ``problems``, grade, and return (and optionally write) records and a summary.
+
+    ``log`` (default: the one set by :func:`logging_defaults`, else none) adds per-token fields to the
+    records (see :class:`EvalLog`). A wide encoder's event latents are returned under ``result["latents"]``
+    ({problem id: {"z_pre", "z_post"}}, one row per steering event) and written to ``<name>.latents.safetensors``.
 
     With ``out_dir``, the result is written as ``<name>.jsonl`` + ``<name>.summary.json`` (``name`` defaults
     to the method). With ``reuse``, an existing result whose cache key equals this run's (same method
@@ -98,6 +185,14 @@ def evaluate(
     style = method if method in PROMPT_METHODS else "base"
     if style == "fewshot" and not fewshot_pool:
         raise LRSError("few-shot prompting needs a pool of train problems to draw examples from")
+    log = log if log is not None else _LOG_DEFAULT.get()
+    shadow = log.shadow if log is not None else None
+    if shadow is not None and steerer is not None:
+        raise LRSError(
+            "shadow scoring is for unsteered runs (base, cot, fewshot); a latent steering method logs its own "
+            "scores (--log-tokens)"
+        )
+    tokens = bool(log is not None and log.tokens)
     key, parts = result_key(
         model,
         problems,
@@ -108,6 +203,7 @@ def evaluate(
         seed=seed,
         shots=shots,
         fewshot_pool=fewshot_pool,
+        log=log,
     )
     partial: Path | None = None
     done: dict[int, dict] = {}
@@ -117,18 +213,25 @@ def evaluate(
             raise LRSError(f"--out {out_dir} is a file, not a directory")
         if reuse:
             old = load_result(out_dir, name)
-            if old is not None and old["summary"].get("cache_key") == key:
+            if old is not None and _reusable(old["summary"], key, parts):
                 old["cached"] = True
                 return old
         partial = partial_path(out_dir, name)
         # without reuse (--force) an unfinished run is not resumed either: start over
         done = load_partial(partial, key, problems) if reuse else {}
+        wide = _load_partial_latents(partial, done)
         _start_partial(partial, key, name, len(problems), done)
+    else:
+        wide = {}
     resumed_from = len(done)
     prompts = build_prompts(tokenizer, problems, style=style, shots=shots, pool=fewshot_pool, seed=seed)
-    if steerer is not None:
-        steerer.reset()
-    ctx = steerer.context if steerer is not None else None
+    hooks = steerer if steerer is not None else shadow
+    if hooks is not None:
+        hooks.reset()
+    ctx = hooks.context if hooks is not None else None
+    # any object with context() and stats() may steer; only Steerer subclasses log events
+    take_events = getattr(hooks, "take_events", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
     records: dict[int, dict] = dict(done)
     new_tokens = 0
 
@@ -136,7 +239,7 @@ def evaluate(
         nonlocal new_tokens
         grades = grade([g.text for g in gens], [problems[i].answer for i in idx])
         steer_rows = steerer.row_stats() if steerer is not None else {}
-        batch = {}
+        batch, batch_wide = {}, {}
         for i, g, gr in zip(idx, gens, grades, strict=True):
             p = problems[i]
             rec = dict(
@@ -151,10 +254,23 @@ def evaluate(
                 check=gr.method,
             )
             rec.update(steer_rows.get(i, {}))
+            if tokens:
+                rec.update(_token_fields(g, eos))
+            events = take_events(i) if take_events is not None else None
+            if events is not None:
+                rec["events"], z = _split_latents(events)
+                if z is not None:
+                    rec["latents"] = latents_path(Path("."), name).name
+                    batch_wide[p.id] = z
             batch[i] = rec
             new_tokens += g.n_tokens
         if partial is not None:
+            if batch_wide:  # the tensors first: a record that names them is only kept if they are there
+                atomic_save_tensors(
+                    _partial_latents_dir(partial) / f"{min(idx)}.safetensors", _flat(batch_wide)
+                )
             _append_partial(partial, batch)
+        wide.update(batch_wide)
         records.update(batch)
 
     t0 = time.perf_counter()
@@ -170,6 +286,7 @@ def evaluate(
         desc=f"eval {name}",
         on_batch=finish_batch,
         skip=set(done),
+        record_top2=tokens,
     )
     wall = time.perf_counter() - t0
     recs = [records[i] for i in range(len(problems))]
@@ -198,6 +315,7 @@ def evaluate(
         greedy=True,
         threads=torch.get_num_threads(),
         cache_key=key,
+        unlogged_key=_unlogged_key(parts),
         key_parts=parts,
         versions=versions(),
         git=git_revision(),
@@ -205,12 +323,87 @@ def evaluate(
     )
     if steerer is not None:
         summary["steering"] = {**steerer.stats(), **steering_totals(recs)}
+    if parts.get("log"):
+        summary["logging"] = parts["log"]
     result = {"summary": summary, "records": recs}
+    if wide:
+        result["latents"] = {p.id: wide[p.id] for p in problems if p.id in wide}
     if out_dir is not None:
         write_result(result, out_dir, name)
         if partial is not None:
             partial.unlink(missing_ok=True)
+            shutil.rmtree(_partial_latents_dir(partial), ignore_errors=True)
     return result
+
+
+# ---- logged fields ---------------------------------------------------------------------------------------
+
+
+def finish_reason(g, eos_id: int | None) -> str:
+    """``eos`` (ended with the tokenizer's end-of-sequence token), ``stop`` (another stop id of the model's
+    generation config), or ``length`` (the token budget ran out)."""
+    if not g.finished:
+        return "length"
+    return "eos" if eos_id is not None and g.token_ids and g.token_ids[-1] == eos_id else "stop"
+
+
+def _token_fields(g, eos_id: int | None) -> dict:
+    """The ``--log-tokens`` fields of one generation."""
+    return dict(
+        token_ids=list(g.token_ids),
+        finish_reason=finish_reason(g, eos_id),
+        p_top1=[round(x, 5) for x in g.conf],
+        p_top2=[round(x, 5) for x in g.top2],
+    )
+
+
+def _split_latents(events: list[dict]) -> tuple[list[dict], dict[str, torch.Tensor] | None]:
+    """Events ready for JSON: latents inline (rounded) for narrow encoders, else taken out as [E, n] tensors."""
+    steered = [e for e in events if "z_pre" in e]
+    if not steered:
+        return events, None
+    n = int(torch.as_tensor(steered[0]["z_pre"]).numel())
+    if n <= INLINE_LATENTS:
+        out = []
+        for e in events:
+            if "z_pre" in e:
+                e = {
+                    **e,
+                    "z_pre": [round(float(v), 5) for v in torch.as_tensor(e["z_pre"]).tolist()],
+                    "z_post": [round(float(v), 5) for v in torch.as_tensor(e["z_post"]).tolist()],
+                }
+            out.append(e)
+        return out, None
+    z = {
+        k: torch.stack([torch.as_tensor(e[k], dtype=torch.float32) for e in steered])
+        for k in ("z_pre", "z_post")
+    }
+    return [{k: v for k, v in e.items() if k not in ("z_pre", "z_post")} for e in events], z
+
+
+def latents_path(out_dir: str | Path, name: str) -> Path:
+    """The sidecar of a result's wide event latents: ``<name>.latents.safetensors`` next to the JSONL."""
+    return Path(out_dir) / f"{name}.latents.safetensors"
+
+
+def _flat(wide: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{id: {"z_pre", "z_post"}}`` as safetensors keys ``"<id>/z_pre"``, ``"<id>/z_post"``."""
+    return {f"{pid}/{k}": t for pid, z in wide.items() for k, t in z.items()}
+
+
+def load_latents(out_dir: str | Path, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A result's wide event latents: {problem id: {"z_pre": [E, n], "z_post": [E, n]}} in event order
+    (the records' steered events, in token order); {} when the result keeps them inline or has none."""
+    from safetensors.torch import load_file
+
+    path = latents_path(out_dir, name)
+    if not path.exists():
+        return {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in load_file(str(path)).items():
+        pid, _, part = k.rpartition("/")
+        out.setdefault(pid, {})[part] = t
+    return out
 
 
 def steering_totals(records: Sequence[dict]) -> dict:
@@ -282,6 +475,37 @@ def _partial_line(i: int, rec: dict) -> str:
     return json.dumps({"i": i, "record": rec}) + "\n"
 
 
+def _partial_latents_dir(path: Path) -> Path:
+    """Where an unfinished run keeps the wide latents of its finished batches (one safetensors per batch)."""
+    return path.with_name(path.name + ".latents")
+
+
+def _load_partial_latents(path: Path, done: dict[int, dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """The wide latents of the resumed records; a record that names latents it does not find is dropped
+    from ``done`` (its batch is generated again)."""
+    from safetensors.torch import load_file
+
+    folder = _partial_latents_dir(path)
+    wide: dict[str, dict[str, torch.Tensor]] = {}
+    if done and folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")):
+            try:
+                tensors = load_file(str(f))
+            except Exception:  # a file cut by a kill: its batch is redone
+                continue
+            for k, t in tensors.items():
+                pid, _, part = k.rpartition("/")
+                wide.setdefault(pid, {})[part] = t
+    for i in [i for i, r in done.items() if "latents" in r]:
+        z = wide.get(done[i]["id"], {})
+        if not ("z_pre" in z and "z_post" in z):
+            del done[i]
+    if not done:
+        shutil.rmtree(folder, ignore_errors=True)
+    ids = {r["id"] for r in done.values()}
+    return {pid: z for pid, z in wide.items() if pid in ids}
+
+
 def _start_partial(path: Path, key: str, name: str, n: int, done: dict[int, dict]) -> None:
     """(Re)write the partial file: header + the records kept (drops a truncated tail or another run's file)."""
     head = json.dumps(dict(format=PARTIAL_FORMAT, cache_key=key, name=name, n=n)) + "\n"
@@ -297,8 +521,14 @@ def _append_partial(path: Path, batch: dict[int, dict]) -> None:
 
 
 def write_result(result: dict, out_dir: Path, name: str) -> None:
-    """Write ``name.jsonl`` (one record per problem) and ``name.summary.json`` atomically."""
+    """Write ``name.jsonl`` (one record per problem) and ``name.summary.json`` atomically, and the wide event
+    latents (``result["latents"]``) to ``name.latents.safetensors`` first (a stale one is removed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    side = latents_path(out_dir, name)
+    if result.get("latents"):
+        atomic_save_tensors(side, _flat(result["latents"]), metadata={"format": "lrs.event-latents/1"})
+    else:
+        side.unlink(missing_ok=True)
     atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in result["records"]))
     atomic_write_json(out_dir / f"{name}.summary.json", result["summary"])
 

@@ -26,6 +26,8 @@ class Generation:
     token_ids: list[int]
     finished: bool
     conf: list[float] = field(default_factory=list)
+    #: second-largest token probability per generated token (only when ``generate(record_top2=True)``)
+    top2: list[float] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -55,10 +57,12 @@ class DecodeTracker:
     step was seen per generated token, so a release that changes the calling convention fails loudly.
     """
 
-    def __init__(self, model, stop_ids: Sequence[int], record_conf: bool = True):
+    def __init__(self, model, stop_ids: Sequence[int], record_conf: bool = True, record_top2: bool = False):
         self.model = model
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long)
         self.record_conf = record_conf
+        #: also keep the second-largest probability per step (token logging); chosen once in :meth:`attach`
+        self.record_top2 = record_top2
         self.reset()
 
     def reset(self) -> None:
@@ -69,6 +73,7 @@ class DecodeTracker:
         self.prompt_mask: torch.Tensor | None = None  # [B, P] attention mask of the prompt
         self.prompt_len = 0
         self.confs: list[torch.Tensor] = []
+        self.top2s: list[torch.Tensor] = []  # [B] per step, only with ``record_top2``
 
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -108,6 +113,15 @@ class DecodeTracker:
         self.conf_now = conf
         self.confs.append(conf)
 
+    def _post_head_top2(self, module, args, output):
+        """:meth:`_post_head` that also keeps the runner-up probability (the largest value is the same float)."""
+        logits = output[0] if isinstance(output, tuple) else output
+        probs = torch.softmax(logits[:, -1].float(), dim=-1)
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        self.conf_now = top[:, 0]
+        self.confs.append(top[:, 0])
+        self.top2s.append(top[:, 1] if top.shape[-1] > 1 else torch.zeros_like(top[:, 0]))
+
     def verify(self, n_new: int) -> None:
         """Raise if the last ``generate`` produced ``n_new`` tokens but not ``n_new - 1`` decode steps were seen."""
         if n_new > 1 and self.step != n_new - 1:
@@ -123,7 +137,9 @@ class DecodeTracker:
         head = self.model.get_output_embeddings()
         handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True)]
         if head is not None:
-            handles.append(head.register_forward_hook(self._post_head))
+            # picked here, not per step: without token logging the decode loop runs exactly the old code
+            post = self._post_head_top2 if self.record_top2 else self._post_head
+            handles.append(head.register_forward_hook(post))
         try:
             yield self
         finally:
@@ -249,6 +265,7 @@ def generate(
     desc: str = "generate",
     on_batch: Callable[[list[int], list[Generation]], None] | None = None,
     skip: Collection[int] | None = None,
+    record_top2: bool = False,
 ) -> list[Generation]:
     """Generate a completion for every prompt (greedy unless ``temperature > 0``), batched, KV cache on.
 
@@ -263,6 +280,9 @@ def generate(
     batch whose indices are all in ``skip`` is not generated (nor passed to ``context`` or ``on_batch``), and
     a batch only partly in ``skip`` is generated whole. Entries of skipped batches are ``None`` in the
     returned list (never the case without ``skip``); the caller merges them with what it stored.
+
+    ``record_top2`` also fills :attr:`Generation.top2` (the runner-up token probability per generated token,
+    for token logging); it changes nothing else, and without it the decode loop is the same code as before.
     """
     if not prompts:
         raise LRSError("nothing to generate: the prompt list is empty")
@@ -282,7 +302,7 @@ def generate(
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    tracker = DecodeTracker(model, stop)
+    tracker = DecodeTracker(model, stop, record_top2=record_top2)
     done = set(skip or ())
     todo = [(b, idx) for b, idx in enumerate(batches) if not all(i in done for i in idx)]
     n_skipped = len(prompts) - sum(len(idx) for _, idx in todo)
@@ -309,10 +329,14 @@ def generate(
         tracker.verify(new_token_count(out, enc["input_ids"]))
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         confs = torch.stack(tracker.confs, dim=1).cpu() if tracker.confs else None
+        top2s = torch.stack(tracker.top2s, dim=1).cpu() if tracker.top2s else None
         for row, i in enumerate(idx):
             ids, finished = _split_completion(new[row], set(stop), pad_id)
             conf = confs[row, : len(ids)].tolist() if confs is not None else []
-            results[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, finished, conf)
+            top2 = top2s[row, : len(ids)].tolist() if top2s is not None else []
+            results[i] = Generation(
+                tokenizer.decode(ids, skip_special_tokens=True), ids, finished, conf, top2
+            )
             n_tok += len(ids)
         if on_batch is not None:
             on_batch(list(idx), [results[i] for i in idx])  # type: ignore[misc]

@@ -68,6 +68,15 @@ class Steerer:
         """Per-row counters (and events if logging), keyed by problem index or arrival order."""
         return self._rows
 
+    def take_events(self, key: int) -> list[dict] | None:
+        """Remove and return row ``key``'s logged events (None if it has none); its counters stay.
+
+        A caller that stores the events elsewhere (``evaluate`` writes them per batch) takes them out, so a
+        long logged run does not keep every problem's events twice in memory.
+        """
+        row = self._rows.get(key)
+        return row.pop("events", None) if row is not None else None
+
     def reset(self) -> None:
         """Forget the statistics collected so far."""
         self._rows = {}
