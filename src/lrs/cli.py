@@ -182,7 +182,7 @@ def cmd_doctor(args) -> None:
 
 def cmd_eval(args) -> None:
     from lrs import stages
-    from lrs.evaluate import EvalLog, compare, load_result, logging_defaults, summary_line
+    from lrs.evaluate import compare, load_result, summary_line
     from lrs.stats import format_comparison
     from lrs.steering import get_method
 
@@ -195,13 +195,8 @@ def cmd_eval(args) -> None:
         raise LRSError(
             f"--shadow scores an unsteered run; --method {ev.method} logs its own scores with --log-tokens"
         )
-    log_tokens = ev.log_tokens or ev.shadow
-    so.log_events = so.log_events or log_tokens  # a latent steerer logs its per-token scores and events too
     model, tok = stages.load(build(C.ModelConfig, args))
-    # the shadow scorer: the artefacts LRS would use (--encoder/--reward), the gate forced off
-    shadow = stages.build_steerer("lrs", model, rd, so).shadow() if ev.shadow else None
-    with logging_defaults(EvalLog(tokens=True, shadow=shadow) if log_tokens else None):
-        res = stages.run_eval(model, tok, tc, gc, ev, so, rd)
+    res = stages.run_eval(model, tok, tc, gc, ev, so, rd)
     print(
         summary_line(res["summary"])
         + (" (cached: same cache key; --force to rerun)" if res.get("cached") else "")

@@ -12,13 +12,11 @@ generated tokens are the same with and without it, and without it the decode loo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,22 +55,6 @@ class EvalLog:
 
     tokens: bool = False
     shadow: Steerer | None = None
-
-
-_LOG_DEFAULT: ContextVar[EvalLog | None] = ContextVar("lrs_eval_log", default=None)
-
-
-@contextlib.contextmanager
-def logging_defaults(log: EvalLog | None) -> Iterator[None]:
-    """Make ``log`` the logging of every :func:`evaluate` call in the block that does not pass its own.
-
-    This is how ``lrs eval`` hands its logging flags through the stage functions, which do not know them.
-    """
-    token = _LOG_DEFAULT.set(log)
-    try:
-        yield
-    finally:
-        _LOG_DEFAULT.reset(token)
 
 
 def log_parts(log: EvalLog | None, steerer=None) -> dict:
@@ -165,7 +147,7 @@ def evaluate(
 ) -> dict:
     """Generate greedily for ``problems``, grade, and return (and optionally write) records and a summary.
 
-    ``log`` (default: the one set by :func:`logging_defaults`, else none) adds per-token fields to the
+    ``log`` (default: none) adds per-token fields to the
     records (see :class:`EvalLog`). A wide encoder's event latents are returned under ``result["latents"]``
     ({problem id: {"z_pre", "z_post"}}, one row per steering event) and written to ``<name>.latents.safetensors``.
 
@@ -185,7 +167,6 @@ def evaluate(
     style = method if method in PROMPT_METHODS else "base"
     if style == "fewshot" and not fewshot_pool:
         raise LRSError("few-shot prompting needs a pool of train problems to draw examples from")
-    log = log if log is not None else _LOG_DEFAULT.get()
     shadow = log.shadow if log is not None else None
     if shadow is not None and steerer is not None:
         raise LRSError(

@@ -454,6 +454,20 @@ def run_eval(
             raise LRSError(
                 f"--tuned: the tuning result for these artefacts has no choice for '{ev.method}'; run `lrs tune`"
             )
+    log = None
+    if ev.log_tokens or ev.shadow:
+        from dataclasses import replace
+
+        from lrs.evaluate import EvalLog
+
+        if ev.shadow and m.steerer is not None:
+            raise LRSError(
+                f"--shadow scores an unsteered run; --method {ev.method} logs its own scores with --log-tokens"
+            )
+        so = replace(so, log_events=True)  # a latent steerer logs its per-token scores and events too
+        # the shadow scorer: the artefacts LRS would use (--encoder/--reward), the gate forced off
+        shadow = build_steerer("lrs", model, rd, so).shadow() if ev.shadow else None
+        log = EvalLog(tokens=True, shadow=shadow)
     steerer = build_steerer(ev.method, model, rd, so, tuned)
     pool = None
     if m.prompt_style == "fewshot":
@@ -478,6 +492,7 @@ def run_eval(
             shots=ev.shots,
             fewshot_pool=pool,
             extra=dict(task=tc.task, split=tc.split, limit=tc.limit, split_seed=tc.split_seed),
+            log=log,
         )
     warn_if_steering_skipped(res["summary"])
     return res
