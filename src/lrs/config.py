@@ -71,6 +71,12 @@ class CollectConfig:
     out: str | None = opt(None, "trace directory (default <run>/traces)")
     rollouts: int = opt(0, "value labels: sampled continuations per prefix (0: none; for --objective value)")
     rollout_every: int = opt(64, "value labels: a prefix every N generated tokens")
+    backend: str = opt(
+        "transformers",
+        "who generates: transformers (states recorded while decoding) or vllm (vLLM generates, one "
+        "teacher-forced transformers forward recovers the states; needs vLLM installed)",
+        choices=("transformers", "vllm"),
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, "samples_per_problem", 1)
@@ -81,6 +87,12 @@ class CollectConfig:
             raise LRSError(
                 "--samples-per-problem > 1 needs --temperature > 0 (greedy samples would be identical)"
             )
+        if self.backend not in ("transformers", "vllm"):
+            raise LRSError(f"--backend {self.backend!r}: choose transformers or vllm")
+        if self.backend == "vllm":  # here, so `lrs collect` fails before it loads the model
+            from lrs.backends import require_vllm
+
+            require_vllm()
 
 
 @dataclass

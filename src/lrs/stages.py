@@ -67,6 +67,11 @@ def collect(model, tok, probs: list[Problem], rd: RunDir, gc: GenConfig, cc: Col
     if not probs:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
     check_budget(model, gc.max_new_tokens)
+    backend = cc.backend
+    if backend == "vllm":  # built here (imports vLLM) so a broken install fails before any collection work
+        from lrs.backends import VLLMGenerator, vllm_engine_args
+
+        backend = VLLMGenerator(model, tok, seed=gc.seed, llm_kwargs=vllm_engine_args())
     return collect_traces(
         model,
         tok,
@@ -81,6 +86,7 @@ def collect(model, tok, probs: list[Problem], rd: RunDir, gc: GenConfig, cc: Col
         meta=meta,
         rollouts=cc.rollouts,
         rollout_every=cc.rollout_every,
+        backend=backend,
     )
 
 

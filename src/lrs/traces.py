@@ -22,9 +22,18 @@ from tqdm.auto import tqdm
 
 from lrs import __version__
 from lrs.artifacts import atomic_save_tensors, atomic_write_json
+from lrs.backends import (
+    GenRequest,
+    StepStates,
+    TokenGenerator,
+    VLLMGenerator,
+    request_seed,
+    split_at_stop,
+    teacher_forced_states,
+)
 from lrs.distributed import barrier, share
 from lrs.errors import LRSError
-from lrs.generation import DecodeTracker, generate, layer_output
+from lrs.generation import DecodeTracker, Generation, eos_ids, generate, layer_output
 from lrs.grading import grade
 from lrs.models import decoder_layers, model_fingerprint, model_name, resolve_layer
 from lrs.runs import exclusive
@@ -161,6 +170,52 @@ class _Recorder:
                 h.remove()
 
 
+def _recorded(model, tokenizer, prompts: list[str], layers: list[int], *, max_new_tokens: int,
+              temperature: float, seed: int) -> tuple[list[Generation], list[StepStates]]:  # fmt: skip
+    """The ``transformers`` backend: one ``generate`` batch with hooks recording the states as it decodes."""
+    rec: dict = {}
+
+    def ctx(_b, _idx, tracker):
+        rec["r"] = _Recorder(model, layers, tracker)
+        return rec["r"].attach()
+
+    gens = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=len(prompts),
+        temperature=temperature,
+        seed=seed,
+        context=ctx,
+        progress=False,
+    )
+    r: _Recorder = rec["r"]
+    states = [
+        StepStates(
+            hidden={L: torch.stack([st[row] for st in r.steps[L][: g.n_tokens]]) for L in layers},
+            prompt={L: r.prompt[L][row] for L in layers},
+            conf=torch.tensor(g.conf, dtype=torch.float32),
+        )
+        for row, g in enumerate(gens)
+    ]
+    return gens, states
+
+
+def _teacher_forced(model, tokenizer, req: GenRequest, ids: list[list[int]], layers: list[int]
+                    ) -> tuple[list[Generation], list[StepStates]]:  # fmt: skip
+    """A generator's token ids for one batch → generations (text, stop, conf) and states by teacher forcing."""
+    stop = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    cut = [split_at_stop(row, stop) for row in ids]
+    states = teacher_forced_states(model, req.prompt_ids, [c for c, _ in cut], layers, pad_id=pad_id)
+    gens = [
+        Generation(tokenizer.decode(c, skip_special_tokens=True), c, finished, st.conf.tolist())
+        for (c, finished), st in zip(cut, states, strict=True)
+    ]
+    return gens, states
+
+
 def collect_traces(
     model,
     tokenizer,
@@ -179,6 +234,7 @@ def collect_traces(
     rollouts: int = 0,
     rollout_every: int = 64,
     rollout_temperature: float = 0.7,
+    backend: str | TokenGenerator = "transformers",
 ) -> TraceSet:
     """Generate traces for ``problems`` and store hidden states at ``layers``; resumes an unfinished run.
 
@@ -186,6 +242,13 @@ def collect_traces(
     existing directory are refused (use a new directory). With ``rollouts`` M > 0, every ``rollout_every``
     tokens of each trace get a Monte-Carlo value label (fraction of M sampled continuations that end correct,
     :func:`lrs.rollouts.rollout_values`), stored in the trace's record as ``values`` with the batch's shard.
+
+    ``backend`` says only how token ids are produced and how states are obtained; batching, grading,
+    rollouts, shards, manifest and resume are the same code for all. ``"transformers"`` records the states
+    with hooks while ``generate`` decodes. ``"vllm"`` generates with vLLM (:class:`lrs.backends.VLLMGenerator`,
+    several batches per engine call) and recovers states and confidences with one teacher-forced forward per
+    batch (:func:`lrs.backends.teacher_forced_states`); so does any :class:`lrs.backends.TokenGenerator`
+    object. A backend other than ``"transformers"`` is part of the collection's settings (its ``name``).
     """
     if not problems:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
@@ -193,6 +256,13 @@ def collect_traces(
         raise LRSError(
             "--samples-per-problem > 1 needs --temperature > 0 (greedy samples would be identical)"
         )
+    if isinstance(backend, str) and backend not in ("transformers", "vllm"):
+        raise LRSError(f"unknown collection backend {backend!r}: transformers or vllm")
+    # built before any directory work, so a missing vLLM fails first, with the install line
+    gen: TokenGenerator | None = (
+        VLLMGenerator(model, tokenizer, seed=seed) if backend == "vllm" else None if backend == "transformers"
+        else backend
+    )  # fmt: skip
     layers = sorted({resolve_layer(model, L) for L in layers})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,34 +292,40 @@ def collect_traces(
             config.update(
                 rollouts=rollouts, rollout_every=rollout_every, rollout_temperature=rollout_temperature
             )
+        if gen is not None:  # likewise: transformers collections keep their old settings
+            config.update(backend=gen.name)
         manifest = {"config": config, "n_batches": len(batches), "batches": [], "lrs_version": __version__}
         manifest["batches"] = list(_read_manifests(out, config).values())
         mf = out / (MANIFEST if sh.world == 1 else f"manifest.rank{sh.rank}.json")
         done = {b["batch"] for b in manifest["batches"]}
         mine = [b for b in range(len(batches)) if sh.owns(b)]
+        todo = [b for b in mine if b not in done]
         bar = tqdm(total=sum(len(batches[b]) for b in mine), desc="collect", unit="trace", disable=not progress,
                    dynamic_ncols=True)  # fmt: skip
         bar.update(sum(len(batches[b]) for b in mine if b in done))
-        for b, idx in enumerate(batches):
-            if b in done or not sh.owns(b):
-                continue
-            rec: dict = {}
 
-            def ctx(_b, _idx, tracker, rec=rec):
-                rec["r"] = _Recorder(model, layers, tracker)
-                return rec["r"].attach()
+        def request(b: int) -> GenRequest:
+            idx = batches[b]
+            texts = [prompts[i] for i in idx]
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return GenRequest(texts, [list(x) for x in ids], seed * 1_000_003 + b,
+                              [request_seed(seed, i) for i in idx])  # fmt: skip
 
-            gens = generate(
-                model,
-                tokenizer,
-                [prompts[i] for i in idx],
-                max_new_tokens=max_new_tokens,
-                batch_size=len(idx),
-                temperature=temperature,
-                seed=seed * 1_000_003 + b,
-                context=ctx,
-                progress=False,
-            )
+        ahead: dict[int, tuple[GenRequest, list[list[int]]]] = {}
+        for n, b in enumerate(todo):
+            idx = batches[b]
+            if gen is None:
+                gens, states = _recorded(
+                    model, tokenizer, [prompts[i] for i in idx], layers, max_new_tokens=max_new_tokens,
+                    temperature=temperature, seed=seed * 1_000_003 + b,
+                )  # fmt: skip
+            else:
+                if b not in ahead:  # the next window of this process's unfinished batches, one engine call
+                    reqs = [request(w) for w in todo[n : n + gen.window]]
+                    ids = gen.generate_ids(reqs, max_new_tokens=max_new_tokens, temperature=temperature)
+                    ahead.update(zip(todo[n : n + gen.window], zip(reqs, ids, strict=True), strict=True))
+                req, ids = ahead.pop(b)
+                gens, states = _teacher_forced(model, tokenizer, req, ids, layers)
             grades = grade([g.text for g in gens], [jobs[i][0].answer for i in idx])
             values = None
             if rollouts:
@@ -261,16 +337,15 @@ def collect_traces(
                     max_new_tokens=max_new_tokens, temperature=rollout_temperature, batch_size=batch_size,
                     seed=seed * 1_000_003 + b,
                 )  # fmt: skip
-            r: _Recorder = rec["r"]
             tensors, records = {}, []
-            for row, (i, g, gr) in enumerate(zip(idx, gens, grades, strict=True)):
+            for row, (i, g, gr, st) in enumerate(zip(idx, gens, grades, states, strict=True)):
                 p, s = jobs[i]
                 T = g.n_tokens
                 for L in layers:
-                    tensors[f"h.{L}.{i}"] = torch.stack([st[row] for st in r.steps[L][:T]])
-                    tensors[f"p.{L}.{i}"] = r.prompt[L][row]
+                    tensors[f"h.{L}.{i}"] = st.hidden[L]
+                    tensors[f"p.{L}.{i}"] = st.prompt[L]
                 tensors[f"tok.{i}"] = torch.tensor(g.token_ids, dtype=torch.int32)
-                tensors[f"conf.{i}"] = torch.tensor(g.conf, dtype=torch.float32)
+                tensors[f"conf.{i}"] = st.conf
                 records.append(
                     dict(
                         index=i,
@@ -294,8 +369,8 @@ def collect_traces(
             manifest["batches"].sort(key=lambda x: x["batch"])
             atomic_write_json(mf, manifest)
             bar.update(len(idx))
-            n = sum(len(x["traces"]) for x in manifest["batches"])
-            acc = sum(t["label"] for x in manifest["batches"] for t in x["traces"]) / max(n, 1)
+            n_done = sum(len(x["traces"]) for x in manifest["batches"])
+            acc = sum(t["label"] for x in manifest["batches"] for t in x["traces"]) / max(n_done, 1)
             bar.set_postfix(acc=f"{acc:.2f}")
         bar.close()
     barrier(sh)
