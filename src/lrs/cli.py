@@ -138,10 +138,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(b, C.ModelConfig)
     _run_flag(b)
 
-    r = sub.add_parser("report", help="write a Markdown report with plots from a run's eval results")
+    r = sub.add_parser(
+        "report",
+        help="write report.md and a self-contained report.html (figures, tables, summary.json) from eval results",
+    )
     add_config(r, C.TaskConfig, skip=("limit", "split_seed", "question_field", "answer_field"))
     add_config(r, C.ModelConfig)
     _run_flag(r)
+    r.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods in report order, e.g. base,lrs,random,diffmean "
+        "(default: every method with a result)",
+    )
+    r.add_argument("--out", default=None, help="report folder (default: the run directory)")
+    r.add_argument(
+        "--latents",
+        default=None,
+        help="latents.md of `lrs analyze latents` (or its folder) to include "
+        "(default <run>/latents/latents.md if present)",
+    )
+    r.add_argument(
+        "--noise",
+        default=None,
+        help="a base rerun JSONL for the noise floor (default <eval dir>/noise/base.jsonl)",
+    )
+    r.add_argument(
+        "--tokenizer", default=None, help="local tokenizer folder: token text in flips and trace cards"
+    )
+    r.add_argument(
+        "--seed", type=int, default=0, help="seed of the trace-card draw and the bootstraps (default 0)"
+    )
 
     from lrs.analysis.cli import add_cli as add_analysis_cli
     from lrs.integrations.cli import add_cli as add_integration_cli
@@ -320,11 +347,22 @@ def cmd_best_of_n(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from lrs.report import write_report
+    from lrs.report import load_tokenizer, write_report
 
     rd = _rd(args)
-    path = write_report(rd.eval_dir(args.task, args.split), rd.root)
+    out = check_dir_target(Path(args.out) if args.out else rd.root, "--out")
+    decode = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    path = write_report(
+        rd.eval_dir(args.task, args.split),
+        out,
+        methods=args.methods,
+        latents=args.latents,
+        noise=Path(args.noise) if args.noise else None,
+        decode=decode,
+        seed=args.seed,
+    )
     print(f"report: {path}")
+    print(f"html: {path.with_name('report.html')}")
 
 
 COMMANDS = {
