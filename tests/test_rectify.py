@@ -372,3 +372,27 @@ def test_before_divergence_steered_and_shadow_runs_share_latents_and_rewards(tmp
             if p["lag"] is not None:
                 lags.append(p["lag"])
     assert lags and max(lags) > 0  # some flips are delayed: the check covers positions between e1 and d
+
+
+def test_runs_without_token_logs_are_compared_on_retokenised_text(tmp_path, capsys):
+    from conftest import make_tokenizer
+
+    from lrs.cli import main
+
+    tok_dir = tmp_path / "tok"
+    make_tokenizer().save_pretrained(tok_dir)  # byte-level: one token per character
+    base = {"a": dict(id="a", correct=False, pred="5", output="2+2=5 so \\boxed{5}"),
+            "b": dict(id="b", correct=True, pred="7", output="3+4=7 so \\boxed{7}")}  # fmt: skip
+    lrs = {"a": dict(id="a", correct=True, pred="4", output="2+2=4 so \\boxed{4}"),
+           "b": dict(id="b", correct=True, pred="7", output="3+4=7 so \\boxed{7}")}  # fmt: skip
+    args = ["analyze", "rectify", "--base", _write(tmp_path / "base.jsonl", base),
+            "--method", _write(tmp_path / "lrs.jsonl", lrs), "--no-figures"]  # fmt: skip
+    assert main([*args, "--retokenize"]) == 2
+    assert "--retokenize needs --tokenizer" in capsys.readouterr().err
+    assert main([*args, "--retokenize", "--tokenizer", str(tok_dir)]) == 0
+    assert "re-tokenised output text" in capsys.readouterr().out
+    res = json.loads((tmp_path / "rectify" / "lrs" / "rectify.json").read_text())
+    rows = {r["id"]: r for r in res["runs"]["method"]["pairs"]}
+    assert rows["a"]["d"] == 4 and rows["a"]["category"] == "fixed"  # "2+2=" shared, then "5" vs "4"
+    assert rows["b"]["d"] is None and rows["b"]["events"] is None  # identical text; no events were logged
+    assert rows["a"]["error_type"] == "arithmetic" and "retokenized" in res

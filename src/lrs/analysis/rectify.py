@@ -960,12 +960,42 @@ def _token_shower(path: str | None) -> Callable[[int], str] | None:
     return lambda t: repr(tok.decode([t]))
 
 
+def retokenize(recs: dict[str, dict], tokenizer_path: str) -> dict[str, dict]:
+    """Records without ``token_ids`` get the ids of their re-tokenised output text, marked ``retokenized``.
+
+    For runs made without ``--log-tokens``: the divergence point is then exact wherever the tokenizer splits the
+    decoded text as the model did (nearly always for BPE tokenizers), and lag/events stay unknown."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as e:  # many exception types for a missing or broken tokenizer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LRSError(f"--tokenizer {tokenizer_path}: cannot load a tokenizer ({first})") from None
+    out = {}
+    for k, r in recs.items():
+        if "token_ids" not in r:
+            ids = tok(r.get("output") or "", add_special_tokens=False)["input_ids"]
+            r = {**r, "token_ids": ids, "retokenized": True}
+        out[k] = r
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     """``lrs analyze rectify``: read the runs, write ``rectify.json`` and figures, print the tables."""
-    base = load_records(args.base)
-    method = load_records(args.method)
-    control = load_records(args.control) if args.control else None
-    noise = load_records(args.noise) if args.noise else None
+    if args.retokenize and not args.tokenizer:
+        raise LRSError(
+            "--retokenize needs --tokenizer DIR (the model's folder) to turn the texts into token ids"
+        )
+    need = not args.retokenize
+
+    def load(path):
+        recs = load_records(path, need_tokens=need)
+        return retokenize(recs, args.tokenizer) if args.retokenize else recs
+
+    base, method = load(args.base), load(args.method)
+    control = load(args.control) if args.control else None
+    noise = load(args.noise) if args.noise else None
     names = dict(base=Path(args.base).stem, method=Path(args.method).stem)
     if args.control:
         names["control"] = Path(args.control).stem
@@ -981,7 +1011,14 @@ def run(args: argparse.Namespace) -> dict:
     result["inputs"] = {
         k: str(v) for k, v in vars(args).items() if k in ("base", "method", "control", "noise") and v
     }
+    if args.retokenize:
+        result["retokenized"] = (
+            "runs made without --log-tokens: divergence from re-tokenised output text (exact where the tokenizer "
+            "splits the text as the model generated it); steering events, lag and margins were not logged"
+        )
     atomic_write_json(out / "rectify.json", result)
+    if args.retokenize:
+        print(f"note: {result['retokenized']}")
     print(format_tables(result))
     print(f"rectification: {out / 'rectify.json'}")
     return result
@@ -1009,4 +1046,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tokenizer", default=None, help="local tokenizer folder: show flipped tokens as text")
     p.add_argument("--no-figures", action="store_true", help="write the JSON and tables only")
+    p.add_argument(
+        "--retokenize",
+        action="store_true",
+        help="runs made without --log-tokens: token ids from the output text with --tokenizer (approximate)",
+    )
     p.set_defaults(func=run)
