@@ -302,3 +302,14 @@ def test_cli_report_flags(tmp_path, capsys):
 def test_report_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(LRSError, match="no results"):
         write_report(tmp_path / "eval" / "test")
+
+
+def test_layer_comes_from_any_sidecar_in_the_run_with_the_hash_the_run_used(tmp_path):
+    eval_dir = make_run(tmp_path / "run", logs=False)
+    side = dict(format="lrs.encoder/1", hash="e" * 64, config=dict(kind="identity", layer=7))
+    (tmp_path / "run" / "enc-id.json").write_text(json.dumps(side))  # an eval made with --encoder enc-id...
+    (tmp_path / "run" / "enc-other.json").write_text(
+        json.dumps(side | dict(hash="0" * 64, config={"layer": 3}))
+    )
+    md = write_report(eval_dir, tmp_path / "rep", n_boot=50).read_text()
+    assert "layer: `7`" in md

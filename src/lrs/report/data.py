@@ -108,8 +108,14 @@ def run_config(results: dict[str, dict], eval_dir: Path) -> dict:
     root = run_root(eval_dir)
     layer = None
     if root is not None:
-        for name, key in (("encoder.json", "encoder"), ("reward.json", "reward")):
-            meta = _artefact_json(root / name, st.get(key))
+        # the default sidecars first, then any sidecar in the run whose hash is the one the run used
+        # (an eval made with an explicit --encoder/--reward path)
+        found = [(root / f"{key}.json", st.get(key)) for key in ("encoder", "reward")]
+        found += [
+            (p, st.get(k)) for k in ("encoder", "reward") if st.get(k) for p in sorted(root.glob("*.json"))
+        ]
+        for path, want in found:
+            meta = _artefact_json(path, want)
             if meta is not None:
                 layer = (meta.get("config") or {}).get("layer", (meta.get("provenance") or {}).get("layer"))
                 if layer is not None:
