@@ -30,6 +30,16 @@ def _from_pretrained(path: str | Path, dtype: torch.dtype, **kw):
     return model, tok
 
 
+def load_tokenizer(path: str | Path, flag: str = "--tokenizer"):
+    """A local tokenizer folder's tokenizer alone (analyses that only decode or re-tokenise text); one line
+    naming ``flag`` when it cannot be loaded."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # many exception types for a missing or broken tokenizer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LRSError(f"{flag} {path}: cannot load a tokenizer ({first})") from None
+
+
 def _resolve(spec: str, dtype: torch.dtype):
     """Load (model, tokenizer) for one spec; the order of checks is the order in the docstring of load_model."""
     if spec in packaged.PACKAGED:

@@ -946,32 +946,18 @@ def figures(
 # ---- command line ---------------------------------------------------------------------------------------
 
 
-def _token_shower(path: str | None) -> Callable[[int], str] | None:
+def _token_shower(tok) -> Callable[[int], str] | None:
     """Token id → its text (quoted) with a local tokenizer, for the flip table; None keeps ``#id``."""
-    if not path:
+    if tok is None:
         return None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # many exception types for a missing or broken tokenizer
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LRSError(f"--tokenizer {path}: cannot load a tokenizer ({first})") from None
     return lambda t: repr(tok.decode([t]))
 
 
-def retokenize(recs: dict[str, dict], tokenizer_path: str) -> dict[str, dict]:
+def retokenize(recs: dict[str, dict], tok) -> dict[str, dict]:
     """Records without ``token_ids`` get the ids of their re-tokenised output text, marked ``retokenized``.
 
     For runs made without ``--log-tokens``: the divergence point is then exact wherever the tokenizer splits the
     decoded text as the model did (nearly always for BPE tokenizers), and lag/events stay unknown."""
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    except Exception as e:  # many exception types for a missing or broken tokenizer
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LRSError(f"--tokenizer {tokenizer_path}: cannot load a tokenizer ({first})") from None
     out = {}
     for k, r in recs.items():
         if "token_ids" not in r:
@@ -987,11 +973,14 @@ def run(args: argparse.Namespace) -> dict:
         raise LRSError(
             "--retokenize needs --tokenizer DIR (the model's folder) to turn the texts into token ids"
         )
+    from lrs.models import load_tokenizer
+
     need = not args.retokenize
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # loaded once, for every file
 
     def load(path):
         recs = load_records(path, need_tokens=need)
-        return retokenize(recs, args.tokenizer) if args.retokenize else recs
+        return retokenize(recs, tok) if args.retokenize else recs
 
     base, method = load(args.base), load(args.method)
     control = load(args.control) if args.control else None
@@ -1001,7 +990,7 @@ def run(args: argparse.Namespace) -> dict:
         names["control"] = Path(args.control).stem
     if args.noise:
         names["noise"] = f"noise ({Path(args.noise).stem})"
-    result = rectify(base, method, control, noise, names=names, show=_token_shower(args.tokenizer))
+    result = rectify(base, method, control, noise, names=names, show=_token_shower(tok))
     out = Path(args.out) if args.out else Path(args.method).parent / "rectify" / Path(args.method).stem
     if out.exists() and not out.is_dir():
         raise LRSError(f"--out {out} is a file, not a directory")

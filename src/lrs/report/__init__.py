@@ -39,13 +39,9 @@ SECTIONS = O.SECTIONS
 def load_tokenizer(path: str) -> Decoder:
     """A local tokenizer's ``decode`` (special tokens skipped, as ``lrs eval`` decodes), for flip tokens as text
     and steering events placed in the trace-diff cards; a one-line error when it cannot be loaded."""
-    try:
-        from transformers import AutoTokenizer
+    from lrs.models import load_tokenizer as _load
 
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # many exception types for a missing or broken tokenizer
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LRSError(f"--tokenizer {path}: cannot load a tokenizer ({first})") from None
+    tok = _load(path)
     return lambda ids: tok.decode(ids, skip_special_tokens=True)
 
 
