@@ -531,3 +531,57 @@ def test_an_imported_sae_trains_a_reward_model_and_steers(source, trained, tmp_p
     n_new = out.shape[1] - ids["input_ids"].shape[1]
     st = steerer.stats()
     assert st["steered_tokens"] == st["generated_steps"] == n_new - 1 > 0 and st["mean_dh_norm"] > 0
+
+
+@needs_lm_eval
+def test_exported_task_gives_lm_eval_the_prompts_outputs_and_grades_of_lrs_eval(trained, tmp_path):
+    """`lrs export-task` + lm-eval's `--apply_chat_template`: the context lm-eval builds is the exact prompt
+    string of `lrs eval`, greedy outputs are the same (batch 1: no padding on either side), and `acc` is the
+    answer checker of `lrs eval`."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lrs.evaluate import evaluate
+    from lrs.grading import grade_one
+    from lrs.tasks import build_prompts, load_task
+
+    out = tmp_path / "tasks"
+    assert main(["export-task", "--task", "arith", "--split", "test", "--limit", "4", "--max-gen-toks", "10",
+                 "--out", str(out)]) == 0  # fmt: skip
+    name = "lrs_arith_test"
+    assert {p.name for p in out.iterdir()} == {f"{name}.yaml", f"{name}.jsonl", "lrs_grading.py"}
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args=dict(pretrained=trained["model"], device="cpu", dtype="float32"),
+        tasks=[name], task_manager=TaskManager(include_path=str(out), include_defaults=False), batch_size=1,
+        apply_chat_template=True, log_samples=True, bootstrap_iters=0,
+    )  # fmt: skip
+    samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
+    problems = load_task("arith", "test", limit=4)
+    model = AutoModelForCausalLM.from_pretrained(trained["model"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(trained["model"])
+    assert [s["arguments"][0][0] for s in samples] == build_prompts(tok, problems)
+    ours = evaluate(model, tok, problems, max_new_tokens=10, batch_size=1, progress=False)
+    assert [s["resps"][0][0] for s in samples] == [r["output"] for r in ours["records"]]
+    assert res["results"][name]["acc,none"] == ours["summary"]["accuracy"]
+    # the metric is lrs's checker: a right boxed answer, a wrong one, and a bare number (numeric fallback)
+    sys.path.insert(0, str(out))
+    try:
+        from lrs_grading import process_results
+    finally:
+        sys.path.remove(str(out))
+    doc = {"answer": problems[0].answer}
+    for text in (f"so \\boxed{{{problems[0].answer}}}", "\\boxed{-1}", f"it is {problems[0].answer}"):
+        assert process_results(doc, [text])["acc"] == float(grade_one(text, problems[0].answer).correct)
+    assert process_results(doc, [f"\\boxed{{{problems[0].answer}}}"]) == {"acc": 1.0, "boxed": 1.0}
+    assert process_results(doc, ["no answer"]) == {"acc": 0.0, "boxed": 0.0}
+
+
+def test_export_task_refuses_bad_input_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["export-task", "--limit", "2", "--out", str(tmp_path / "file")]) == 2
+    assert main(["export-task", "--limit", "2", "--name", "bad name", "--out", str(tmp_path / "t")]) == 2
+    assert main(["export-task", "--limit", "2", "--max-gen-toks", "0", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("lrs: error: ") for e in err)
+    assert not (tmp_path / "t").exists()

@@ -748,7 +748,8 @@ def worked_solution(p: Problem) -> str:
     return (sol + "\n" if sol else "") + f"The answer is \\boxed{{{p.answer}}}."
 
 
-def _user(p: Problem) -> str:
+def user_message(p: Problem) -> str:
+    """The user turn of a problem's prompt: the question and the answer-format instruction."""
     return f"{p.question}\n{INSTRUCTION}"
 
 
@@ -793,10 +794,10 @@ def build_prompts(
                 raise LRSError(f"few-shot pool has too few problems for {shots} shots; pass a larger pool")
             for e in chosen:
                 messages += [
-                    {"role": "user", "content": _user(e)},
+                    {"role": "user", "content": user_message(e)},
                     {"role": "assistant", "content": worked_solution(e)},
                 ]
-        messages.append({"role": "user", "content": _user(p)})
+        messages.append({"role": "user", "content": user_message(p)})
         text = _render(tokenizer, messages)
         if style == "cot":
             text += COT_SUFFIX if text.endswith(("\n", " ")) else " " + COT_SUFFIX

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``lrs import-encoder`` (SAELens / sparsify SAEs as lrs encoder artefacts)."""
+    """Add ``lrs import-encoder`` (SAELens / sparsify SAEs as lrs encoder artefacts) and ``lrs export-task``
+    (an lrs task as an lm-eval task)."""
+    _add_export_task(sub)
     from lrs.integrations.saes import cmd_import_encoder
 
     p = sub.add_parser(
@@ -39,3 +41,39 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--sae-id", dest="sae_id", default=None, help="saelens: the SAE id when it is not in --from"
     )
     p.set_defaults(func=cmd_import_encoder)
+
+
+def _add_export_task(sub: argparse._SubParsersAction) -> None:
+    from lrs import config as C
+    from lrs.cli import add_config
+
+    p = sub.add_parser(
+        "export-task",
+        help="write an lrs task split as an lm-eval task (same problems, prompt and answer checker)",
+        description=(
+            "Write <out>/<name>.jsonl, <name>.yaml and lrs_grading.py: a generate_until lm-eval task whose "
+            "documents, prompt (with lm-eval's --apply_chat_template) and acc metric are those of lrs eval. "
+            "Pass <out> to lm-eval's --include_path."
+        ),
+    )
+    add_config(p, C.TaskConfig)
+    p.add_argument("--max-gen-toks", type=int, default=384, help="generation budget (default 384)")
+    p.add_argument("--name", default=None, help="task name (default lrs_<task>_<split>)")
+    p.add_argument("--out", required=True, help="directory for the task files")
+    p.set_defaults(func=_cmd_export_task)
+
+
+def _cmd_export_task(args) -> None:
+    import re
+
+    from lrs import config as C
+    from lrs import stages
+    from lrs.cli import build
+    from lrs.integrations.lm_eval_task import export_task
+
+    tc = build(C.TaskConfig, args)
+    name = args.name or re.sub(r"\W+", "_", f"lrs_{tc.task}_{tc.split}").strip("_")
+    yaml = export_task(stages.problems(tc), args.out, name, args.max_gen_toks)
+    print(
+        f"lm-eval task {name}: {yaml} (use --include_path {yaml.parent} --tasks {name} --apply_chat_template)"
+    )
