@@ -256,6 +256,11 @@ def test_heldout_set_repeats_the_report_on_other_problems_with_within_problem_pa
     lo, hi = h["within"]["reward"]["64"]["ci"]
     assert lo <= h["within"]["reward"]["64"]["auroc"] <= hi
     assert "above chance, so it does rank a problem's own traces" in h["verdict"]
+    # the paired difference to confidence: same resampled problems for both scores
+    d = h["within"]["reward"]["64"]["auroc"] - h["within"]["confidence"]["64"]["auroc"]
+    dlo, dhi = h["within"]["reward-confidence"]["64"]["ci"]
+    assert dlo <= d <= dhi and d > 0  # the synthetic reward sees the label better than confidence does
+    assert f"within-problem reward - confidence [{dlo:+.3f}, {dhi:+.3f}]" in format_report(report)
     assert set(h["auroc"]) == {"reward", "confidence", "prompt", "prompt_conf"}
     assert "held-out AUROC" in format_report(report)
     json.dumps(report, allow_nan=False)

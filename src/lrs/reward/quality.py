@@ -85,6 +85,14 @@ def _quality(rm, xs, y, groups, tr, va, conf, prompt) -> dict:
                 v, pairs, used = within_group_auroc(scores[name][k][m], y_va[m], g)
                 ci = grouped_auroc_ci(scores[name][k][m], y_va[m], g, within=True) if pairs else None
                 report["within"][name][k] = dict(auroc=v, pairs=pairs, groups=used, ci=ci)
+    if "confidence" in scores:  # paired: the same problems resampled for both scores
+        report["within"]["reward-confidence"] = {}
+        for k in ("64", "end"):
+            m = has[k] & ~np.isnan(scores["confidence"][k])
+            g = [gi for gi, ok in zip(g_va, m, strict=True) if ok]
+            r, c = scores["reward"][k][m], scores["confidence"][k][m]
+            ci = grouped_auroc_ci(r, y_va[m], g, within=True, minus=c)
+            report["within"]["reward-confidence"][k] = dict(ci=list(ci))
     return report
 
 
@@ -205,6 +213,9 @@ def _table(report: dict, title: str) -> list[str]:
         w64 = report["within"].get("reward", {}).get("64", {})
         if w64.get("ci"):
             parts.append(f"within-problem reward {_fmt_ci(w64['ci'])}")
+        wd = report["within"].get("reward-confidence", {}).get("64", {})
+        if wd.get("ci"):
+            parts.append(f"within-problem reward - confidence {_fmt_ci(wd['ci'], signed=True)}")
         lines.append("95% CI at t=64 (resampling problems): " + "; ".join(parts))
     lines.append("verdict: " + (report.get("verdict") or verdict(report)))
     return lines
