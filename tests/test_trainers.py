@@ -408,3 +408,5 @@ def test_logit_lens_norms_and_matched_random_control(tokenizer):
     assert layer_norms(ctrl) == pytest.approx(layer_norms(vecs), rel=1e-5)
     assert abs(torch.nn.functional.cosine_similarity(ctrl.vectors[0], vecs.vectors[0], dim=0)) < 0.9
     assert torch.equal(ctrl.vectors[1], matched_random_vectors(vecs, seed=1).vectors[1])
+    every = SteeringVectors({0: W[65].clone()}, source="rl", positions="all")
+    assert matched_random_vectors(every).positions == "all" and ctrl.positions == "generated"

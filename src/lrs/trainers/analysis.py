@@ -93,7 +93,8 @@ def matched_random_vectors(vectors: Vectors, seed: int = 0) -> SteeringVectors:
     prov.update(control="random directions, per-layer norms matched", control_seed=seed)
     if isinstance(vectors, SteeringVectors):
         prov["control_of"] = vectors.fingerprint()["vectors"]
-    return SteeringVectors(out, alpha, source="rl-random", provenance=prov)
+    positions = vectors.positions if isinstance(vectors, SteeringVectors) else None
+    return SteeringVectors(out, alpha, source="rl-random", provenance=prov, positions=positions)
 
 
 def plot_curves(log: list[dict], path: str | Path) -> Path | None:
