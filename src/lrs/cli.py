@@ -8,48 +8,14 @@ be rerun, resumed and inspected. Errors a user can fix print one line on stderr 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from lrs import config as C
+from lrs.cli_args import add_config, build
 from lrs.errors import LRSError
 from lrs.runs import check_dir_target, check_file_target, exclusive
-
-_TYPES = {"int": int, "float": float, "str": str}
-
-
-def add_config(p: argparse.ArgumentParser, cls: type, defaults: dict | None = None, skip: tuple = ()) -> None:
-    """Add one flag per field of dataclass ``cls`` (``--field-name``), with the field's help and default."""
-    defaults = defaults or {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default)
-        meta = dict(f.metadata)
-        help_ = meta.pop("help", "")
-        kind = str(f.type).replace(" | None", "")
-        if kind == "bool":
-            if default:
-                p.add_argument(
-                    f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", help=help_
-                )
-            else:
-                p.add_argument(flag, dest=f.name, action="store_true", help=help_)
-            continue
-        if kind.startswith("list["):
-            meta.setdefault("nargs", "+")
-            kind = kind[5:-1]
-        shown = "" if default is None else f" (default {default})"
-        p.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, help=help_ + shown, **meta)
-
-
-def build(cls: type, args: argparse.Namespace) -> Any:
-    """The dataclass ``cls`` filled from parsed ``args`` (fields not on the command line keep their default)."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def _run_flag(p: argparse.ArgumentParser) -> None:
@@ -209,6 +175,7 @@ def cmd_doctor(args) -> None:
 
 def cmd_eval(args) -> None:
     from lrs import stages
+    from lrs.distributed import share
     from lrs.evaluate import compare, load_result, summary_line
     from lrs.stats import format_comparison
     from lrs.steering import get_method
@@ -224,6 +191,8 @@ def cmd_eval(args) -> None:
         )
     model, tok = stages.load(build(C.ModelConfig, args))
     res = stages.run_eval(model, tok, tc, gc, ev, so, rd)
+    if not share().main:  # data-parallel: every process has the result, the first one reports it
+        return
     print(
         summary_line(res["summary"])
         + (" (cached: same cache key; --force to rerun)" if res.get("cached") else "")

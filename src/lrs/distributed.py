@@ -4,6 +4,8 @@
 on GPUs; both set WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous address) starts N copies of the command;
 each takes every N-th batch (batches and their seeds are those of a one-process run), writes its own shards
 and its own partial manifest, and the first process merges them into the same files one process writes.
+``lrs eval`` works the same way: each process appends its batches to ``<name>.partial.rank{R}.jsonl`` and
+the first one writes ``<name>.jsonl`` + ``<name>.summary.json`` from all of them.
 Without a launcher nothing here initialises anything: one process owns everything.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,19 @@ def share() -> Share:
     return Share(int(os.environ.get("RANK", "0")), world)
 
 
+#: how long a process waits for the others at a barrier: a resumed run can leave one process most of the work
+BARRIER_TIMEOUT = timedelta(days=7)
+
+
 def barrier(s: Share) -> None:
-    """Wait until every process reaches this point (a no-op for one process)."""
+    """Wait until every process reaches this point (a no-op for one process).
+
+    The first barrier sets up the process group, so processes that finish their share early wait there for the
+    slowest one (up to :data:`BARRIER_TIMEOUT`, not torch's default 30 minutes)."""
     if s.world <= 1:
         return
     import torch.distributed as dist
 
     if not dist.is_initialized():  # gloo: a barrier needs no GPU, and it works on every machine
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     dist.barrier()

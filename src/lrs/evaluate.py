@@ -12,6 +12,7 @@ generated tokens are the same with and without it, and without it the decode loo
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -24,9 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from lrs.artifacts import atomic_save_tensors, atomic_write_json, atomic_write_text
+from lrs.distributed import Share, barrier
 from lrs.environment import git_revision, versions
 from lrs.errors import LRSError
-from lrs.generation import generate
+from lrs.generation import batches_of, generate
 from lrs.grading import grade
 from lrs.models import model_fingerprint, model_name
 from lrs.runs import cache_key
@@ -144,6 +146,7 @@ def evaluate(
     extra: dict | None = None,
     progress: bool = True,
     log: EvalLog | None = None,
+    ranks: Share | None = None,
 ) -> dict:
     """Generate greedily for ``problems``, grade, and return (and optionally write) records and a summary.
 
@@ -160,9 +163,24 @@ def evaluate(
     and the final files are those of an uninterrupted run (records in problem order; steering totals
     recomputed from all records). Only ``wall_time_s``/``tokens_per_s`` are this process's, and
     ``resumed_from`` counts the problems loaded. The partial file is deleted once the result is written.
+
+    Data-parallel (``ranks``: this process's :class:`~lrs.distributed.Share`, needs ``out_dir``): process R
+    generates only the batches of a one-process run that it owns (round robin), appends them to its own
+    ``<name>.partial.rank{R}.jsonl`` (resumable like the one-process file) and, before the first barrier,
+    writes its run totals and ``steerer.stats()`` next to it (``.run.json``). Process 0 then builds the result
+    one process would build from all of them (records in problem order; steering totals from the records,
+    other integer ``stats()`` values summed, the rest its own), writes it, deletes the partial files and adds
+    ``processes: N`` to the summary; after a second barrier the other processes read that result back.
+    ``resumed_from`` and the tokens generated are summed over the processes, ``wall_time_s`` is the slowest
+    process's generation time, and ``threads`` and ``device`` are process 0's.
     """
     if not problems:
         raise LRSError("no problems to evaluate (empty split or --limit 0)")
+    sh = ranks or Share()
+    if sh.world > 1 and out_dir is None:
+        raise LRSError(
+            "a data-parallel evaluation needs an output directory: its processes meet in files there"
+        )
     name = name or method
     style = method if method in PROMPT_METHODS else "base"
     if style == "fewshot" and not fewshot_pool:
@@ -197,7 +215,7 @@ def evaluate(
             if old is not None and _reusable(old["summary"], key, parts):
                 old["cached"] = True
                 return old
-        partial = partial_path(out_dir, name)
+        partial = partial_path(out_dir, name, sh.rank if sh.world > 1 else None)
         # without reuse (--force) an unfinished run is not resumed either: start over
         done = load_partial(partial, key, problems) if reuse else {}
         wide = _load_partial_latents(partial, done)
@@ -206,6 +224,9 @@ def evaluate(
         wide = {}
     resumed_from = len(done)
     prompts = build_prompts(tokenizer, problems, style=style, shots=shots, pool=fewshot_pool, seed=seed)
+    skip = set(done)
+    if sh.world > 1:  # the other processes' batches (batches and seeds are those of a one-process run)
+        skip.update(i for b, idx in enumerate(batches_of(prompts, batch_size)) if not sh.owns(b) for i in idx)
     hooks = steerer if steerer is not None else shadow
     if hooks is not None:
         hooks.reset()
@@ -264,12 +285,22 @@ def evaluate(
         seed=seed,
         context=ctx,
         progress=progress,
-        desc=f"eval {name}",
+        desc=f"eval {name}" if sh.world == 1 else f"eval {name} (process {sh.rank})",
         on_batch=finish_batch,
-        skip=set(done),
+        skip=skip,
         record_top2=tokens,
     )
-    wall = time.perf_counter() - t0
+    run = dict(wall_time_s=time.perf_counter() - t0, new_tokens=new_tokens, resumed_from=resumed_from)
+    stats = steerer.stats() if steerer is not None else {}
+    if sh.world > 1:
+        assert out_dir is not None and partial is not None
+        atomic_write_json(_run_path(partial), {**run, "stats": stats})
+        barrier(sh)
+        if not sh.main:
+            barrier(sh)  # process 0 writes the result
+            return _read_back(out_dir, name)
+        records, wide, run, stats = _merge_processes(out_dir, name, key, problems, sh.world)
+    wall = run["wall_time_s"]
     recs = [records[i] for i in range(len(problems))]
     correct = [r["correct"] for r in recs]
     n_tok = sum(r["tokens"] for r in recs)
@@ -283,9 +314,10 @@ def evaluate(
         ci_method="wilson",
         mean_tokens=n_tok / len(recs),
         truncated=sum(r["truncated"] for r in recs),
-        wall_time_s=wall,  # this process only when resumed
-        tokens_per_s=new_tokens / wall if wall > 0 else None,  # tokens generated by this process
-        resumed_from=resumed_from,
+        wall_time_s=wall,  # this launch only when resumed
+        tokens_per_s=run["new_tokens"] / wall if wall > 0 else None,  # tokens generated by this launch
+        resumed_from=run["resumed_from"],
+        **({"processes": sh.world} if sh.world > 1 else {}),
         model=model_name(model),
         device=str(next(model.parameters()).device),
         dtype=parts["dtype"],
@@ -303,7 +335,7 @@ def evaluate(
         **(extra or {}),
     )
     if steerer is not None:
-        summary["steering"] = {**steerer.stats(), **steering_totals(recs)}
+        summary["steering"] = {**stats, **steering_totals(recs)}
     if parts.get("log"):
         summary["logging"] = parts["log"]
     result = {"summary": summary, "records": recs}
@@ -311,9 +343,8 @@ def evaluate(
         result["latents"] = {p.id: wide[p.id] for p in problems if p.id in wide}
     if out_dir is not None:
         write_result(result, out_dir, name)
-        if partial is not None:
-            partial.unlink(missing_ok=True)
-            shutil.rmtree(_partial_latents_dir(partial), ignore_errors=True)
+        _remove_partials(out_dir, name)
+    barrier(sh)  # the others read the result back now
     return result
 
 
@@ -415,9 +446,74 @@ def steering_totals(records: Sequence[dict]) -> dict:
 PARTIAL_FORMAT = "lrs.eval-partial/1"
 
 
-def partial_path(out_dir: str | Path, name: str) -> Path:
-    """Where an unfinished run of ``name`` keeps its finished problems."""
-    return Path(out_dir) / f"{name}.partial.jsonl"
+def partial_path(out_dir: str | Path, name: str, rank: int | None = None) -> Path:
+    """Where an unfinished run of ``name`` keeps its finished problems (``rank``: process R of a data-parallel
+    run, which keeps its own file, ``<name>.partial.rank{R}.jsonl``)."""
+    return Path(out_dir) / (f"{name}.partial.jsonl" if rank is None else f"{name}.partial.rank{rank}.jsonl")
+
+
+def _run_path(path: Path) -> Path:
+    """Where process R of a data-parallel run leaves its run totals and steerer stats for process 0."""
+    return path.with_name(path.name.removesuffix(".jsonl") + ".run.json")
+
+
+def _merge_processes(
+    out_dir: Path, name: str, key: str, problems: Sequence[Problem], world: int
+) -> tuple[dict[int, dict], dict, dict, dict]:
+    """Process 0 of a data-parallel run: every process's records and wide latents, the run totals (tokens and
+    resumed problems summed, the slowest wall time) and the steerer stats (integer values, i.e. counters,
+    summed; the rest process 0's)."""
+    records: dict[int, dict] = {}
+    wide: dict = {}
+    runs = []
+    for r in range(world):
+        path = partial_path(out_dir, name, r)
+        recs = load_partial(path, key, problems)
+        wide.update(_load_partial_latents(path, recs))
+        records.update(recs)
+        try:
+            runs.append(json.loads(_run_path(path).read_text()))
+        except (OSError, ValueError):
+            raise LRSError(
+                f"process {r} left no run totals in {_run_path(path)}; run again to resume"
+            ) from None
+    if len(records) < len(problems):
+        raise LRSError(
+            f"the processes' partial files in {out_dir} miss {len(problems) - len(records)} of {len(problems)} "
+            "problems; run again to resume"
+        )
+    run = dict(
+        wall_time_s=max(x["wall_time_s"] for x in runs),
+        new_tokens=sum(x["new_tokens"] for x in runs),
+        resumed_from=sum(x["resumed_from"] for x in runs),
+    )
+    stats = dict(runs[0]["stats"])
+    for k, v in stats.items():
+        if isinstance(v, int) and not isinstance(v, bool):
+            stats[k] = sum(x["stats"].get(k, 0) for x in runs)
+    return records, wide, run, stats
+
+
+def _read_back(out_dir: Path, name: str) -> dict:
+    """The result process 0 of a data-parallel run wrote, as :func:`evaluate` returns it."""
+    res = load_result(out_dir, name)
+    if res is None:
+        raise LRSError(f"process 0 wrote no result {name} in {out_dir}")
+    wide = load_latents(out_dir, name)
+    if wide:
+        res["latents"] = wide
+    return res
+
+
+def _remove_partials(out_dir: Path, name: str) -> None:
+    """Delete every partial file of ``name`` once its result is written: the one-process file, each process's
+    file, their latents folders and run totals (also those left by an earlier run with other processes)."""
+    single = partial_path(out_dir, name)
+    for p in [single, _partial_latents_dir(single), *out_dir.glob(f"{glob.escape(name)}.partial.rank*")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def load_partial(path: Path, key: str, problems: Sequence[Problem]) -> dict[int, dict]:

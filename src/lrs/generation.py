@@ -247,6 +247,15 @@ def _split_completion(ids: list[int], stop: set[int], pad_id: int | None) -> tup
     return ids, False
 
 
+def batches_of(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """The prompt indices of each batch :func:`generate` forms: all prompts sorted by length (ties in input
+    order), cut into runs of ``batch_size``. Batch ``b`` of this list is batch ``b`` of ``generate`` (its seed,
+    its ``context`` index), so a caller can tell which prompts a batch holds without generating, e.g. to give
+    a data-parallel process only its own batches."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 BatchHook = Callable[[int, list[int], "DecodeTracker"], contextlib.AbstractContextManager]
 
 
@@ -269,10 +278,10 @@ def generate(
 ) -> list[Generation]:
     """Generate a completion for every prompt (greedy unless ``temperature > 0``), batched, KV cache on.
 
-    Prompts are grouped by length to limit padding; results come back in the input order. ``context``
-    is called as ``context(batch_index, prompt_indices, tracker)`` and entered around each batch's ``generate``
-    (this is how traces are recorded and steering is applied). Sampling is seeded per batch, so a
-    batch's output does not depend on which batches ran before it.
+    Prompts are grouped by length to limit padding (:func:`batches_of`); results come back in the input
+    order. ``context`` is called as ``context(batch_index, prompt_indices, tracker)`` and entered around each
+    batch's ``generate`` (this is how traces are recorded and steering is applied). Sampling is seeded per
+    batch, so a batch's output does not depend on which batches ran before it.
 
     Resuming: ``on_batch(prompt_indices, generations)`` is called after each generated batch (after
     ``context`` has exited), so a caller can store finished work. ``skip`` holds prompt indices already
@@ -288,8 +297,7 @@ def generate(
         raise LRSError("nothing to generate: the prompt list is empty")
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = batches_of(prompts, batch_size)
     results: list[Generation | None] = [None] * len(prompts)
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens,

@@ -444,7 +444,12 @@ def _tune(
 def run_eval(
     model, tok, tc: TaskConfig, gc: GenConfig, ev: EvalConfig, so: SteerOverrides, rd: RunDir
 ) -> dict:
-    """Evaluate ``ev.method`` on ``tc``'s split; returns the result (reused when its cache key matches)."""
+    """Evaluate ``ev.method`` on ``tc``'s split; returns the result (reused when its cache key matches).
+
+    Under a data-parallel launcher every process runs this and returns the same result; each generates its
+    share of the batches (see :func:`lrs.evaluate.evaluate`), and only the first one warns on the terminal.
+    """
+    from lrs.distributed import share
     from lrs.evaluate import evaluate
     from lrs.models import check_budget
     from lrs.runs import check_dir_target
@@ -483,6 +488,9 @@ def run_eval(
                 "few-shot prompting needs the task's train split; this task has none (use --split test)"
             )
     lock = f"eval-{ev.method}-{cache_key({'out': str(out.resolve())})}"
+    sh = share()
+    if not sh.main:  # process 0 takes the one-process lock, so a one-process run of the same result waits
+        lock += f".rank{sh.rank}"
     with rd.lock(lock, f"{out} ({ev.method})"):
         res = evaluate(
             model,
@@ -499,8 +507,10 @@ def run_eval(
             fewshot_pool=pool,
             extra=dict(task=tc.task, split=tc.split, limit=tc.limit, split_seed=tc.split_seed),
             log=log,
+            ranks=sh,
         )
-    warn_if_steering_skipped(res["summary"])
+    if sh.main:
+        warn_if_steering_skipped(res["summary"])
     return res
 
 

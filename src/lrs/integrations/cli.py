@@ -45,7 +45,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 def _add_export_task(sub: argparse._SubParsersAction) -> None:
     from lrs import config as C
-    from lrs.cli import add_config
+    from lrs.cli_args import add_config
 
     p = sub.add_parser(
         "export-task",
@@ -68,7 +68,7 @@ def _cmd_export_task(args) -> None:
 
     from lrs import config as C
     from lrs import stages
-    from lrs.cli import build
+    from lrs.cli_args import build
     from lrs.integrations.lm_eval_task import export_task
 
     tc = build(C.TaskConfig, args)
