@@ -35,6 +35,8 @@ def test_evaluate_writes_and_reads_back(tmp_path, monkeypatch):
     back = load_result(tmp_path, "base")
     assert back["records"] == res["records"] and back["summary"]["accuracy"] == 0.75
     assert summary_line(s).startswith("base: accuracy 75.0%")
+    assert s["boxed"] == 0 and "truncated 100.0%, \\boxed{} 0.0%" in summary_line(s)  # a random tiny model
+    assert summary_line({**s, "boxed": 1}).endswith("\\boxed{} 25.0%")
 
 
 def test_compare_counts_fixed_and_broken():
