@@ -1,9 +1,11 @@
 """Trace-collection tokens/s by backend on the same problems, in one process; prints the ratios and state diffs.
 
 Rows: `transformers` (states recorded by hooks while `generate` decodes: `lrs collect`), `transformers+tf`
-(the same `generate`, then the teacher-forced forward recovers the states: the `--backend vllm` path with
-transformers as the generator) and, when vLLM is importable, `vllm+tf` (`lrs collect --backend vllm`; engine
-start-up is timed separately). Each row is a whole `collect_traces` run (grading and shard writing included).
+(the same `generate`, then the full teacher-forced forward recovers states and confidences: all blocks and
+the output embedding; transformers gives no confidences) and, when vLLM is importable, `vllm+tf`
+(`lrs collect --backend vllm`: confidences from vLLM's logprobs, so the forward stops after the collected
+layer and computes no logits; engine start-up is timed separately). Each row is a whole `collect_traces` run
+(grading and shard writing included); its forward time is printed with the kind of forward that ran.
 Against the first row it prints the maximum |difference| of the stored states and confidences, over the
 positions whose preceding tokens agree (a state depends only on the tokens before it).
 
@@ -52,11 +54,13 @@ def main() -> None:
     )
 
     tf_seconds = [0.0]
+    tf_kinds: set[str] = set()
     real_tf = lrs.traces.teacher_forced_states
 
-    def timed_tf(*a, **k):  # how much of a teacher-forced row is the recovery forward itself
+    def timed_tf(*a, **k):  # how much of a teacher-forced row is the recovery forward itself, and which one
         out, secs = timed(lambda: real_tf(*a, **k))
         tf_seconds[0] += secs
+        tf_kinds.add("full: states + conf" if k.get("need_conf", True) else "states only, to the layer")
         return out
 
     lrs.traces.teacher_forced_states = timed_tf
@@ -72,23 +76,24 @@ def main() -> None:
         results = []
         for name, backend in rows:
             tf_seconds[0] = 0.0
+            tf_kinds.clear()
             ts, secs = timed(
                 lambda b=backend, n=name: collect_traces(model, tok, problems, f"{d}/{n}", backend=b, **kw)
             )
-            results.append((name, ts, secs, tf_seconds[0]))
+            results.append((name, ts, secs, tf_seconds[0], " + ".join(sorted(tf_kinds))))
         print(
             f"{len(problems)} problems, {args.max_new_tokens} new tokens max, batch {args.batch_size}, "
             f"layer {args.layer}, {str(next(model.parameters()).dtype).replace('torch.', '')}, {threads()}"
         )
         base_rate = None
         ref = results[0][1]
-        for name, ts, secs, tf in results:
+        for name, ts, secs, tf, kind in results:
             n_tok = sum(r["length"] for r in ts.records)
             rate = n_tok / secs
             base_rate = base_rate or rate
             line = f"{name:16s} {n_tok:6d} tokens in {secs:7.1f} s = {rate:7.1f} tok/s  ({rate / base_rate:.2f}x)"
             if tf:
-                line += f"; teacher-forced forward {tf:.1f} s"
+                line += f"; teacher-forced forward ({kind}) {tf:.1f} s"
             if ts is not ref:
                 c = compare(ref, ts)
                 line += (

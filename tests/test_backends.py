@@ -1,9 +1,11 @@
-"""Collection backends: teacher-forced state recovery equals generate-time recording; the vLLM path (a fake
-``vllm`` module standing in for the real one) writes the same collection as the transformers backend."""
+"""Collection backends: teacher-forced state recovery equals generate-time recording (and its early-stopping,
+logit-free form equals the full forward); the vLLM path (a fake ``vllm`` module standing in for the real one,
+logprobs included) writes the same collection as the transformers backend."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import lrs.stages
 import lrs.traces
 from lrs.backends import (
     VLLM_INSTALL,
+    Completion,
     GenRequest,
     TransformersGenerator,
     VLLMGenerator,
@@ -25,6 +28,7 @@ from lrs.backends import (
     request_seed,
     split_at_stop,
     teacher_forced_states,
+    top1_conf,
     vllm_engine_args,
 )
 from lrs.cli import main
@@ -32,6 +36,7 @@ from lrs.config import TaskConfig
 from lrs.errors import LRSError
 from lrs.generation import generate
 from lrs.grading import Grade
+from lrs.models import decoder_layers, load_model
 from lrs.tasks import build_prompts
 from lrs.traces import TraceSet, collect_traces
 
@@ -131,6 +136,34 @@ def test_generate_then_teacher_force_writes_the_recording_collection(tmp_path):
     _assert_same_collection(a, b)
 
 
+@pytest.mark.parametrize(("n_layers", "layers"), [(2, [0, 1]), (2, [1]), (4, [2])])
+def test_states_only_forward_stops_early_and_equals_the_full_forward(n_layers, layers):
+    """``need_conf=False``: bit-identical states and prompt means, no output embedding, no block above the
+    deepest collected one, no final norm; every hook is removed and the stop never escapes."""
+    model = make_model("qwen2", layers=n_layers)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    comps = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 1, 11, 0)]
+    full = teacher_forced_states(model, prompts, comps, layers)
+    n_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    ran: list[str] = []
+    watched = [("head", model.get_output_embeddings()), ("norm", model.model.norm)]
+    watched += [("above", b) for b in decoder_layers(model)[max(layers) + 1 :]]
+    hooks = [m.register_forward_hook(lambda *_, n=name: ran.append(n)) for name, m in watched]
+    fast = teacher_forced_states(model, prompts, comps, layers, need_conf=False)
+    assert ran == []
+    teacher_forced_states(model, prompts, comps, layers)
+    assert {"head", "norm"} <= set(ran)  # the hooks do see the full forward
+    for h in hooks:
+        h.remove()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks == 0
+    for a, b, c in zip(full, fast, comps, strict=True):
+        assert b.conf is None and a.conf.shape == (len(c),)
+        for L in layers:
+            assert b.hidden[L].shape == (len(c), 32)
+            assert torch.equal(a.hidden[L], b.hidden[L]) and torch.equal(a.prompt[L], b.prompt[L])
+
+
 # ---- the vLLM path, with a fake `vllm` module ---------------------------------------------------------
 @dataclass
 class FakeSamplingParams:
@@ -139,13 +172,26 @@ class FakeSamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     repetition_penalty: float = 1.0
+    logprobs: int | None = None
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+    rank: int | None = None
 
 
 class FakeLLM:
-    """``vllm.LLM`` stand-in: loads the folder it is given and returns transformers' greedy token ids."""
+    """``vllm.LLM`` stand-in: loads the folder it is given and returns transformers' greedy token ids.
+
+    With ``SamplingParams.logprobs`` set, each output also has ``logprobs``: per generated token
+    ``{top-1 id: FakeLogprob(log-softmax of the raw logits, rank=1)}``, as vLLM's ``raw_logprobs`` mode gives;
+    ``logprobs_answer`` breaks that answer as a foreign engine could (``"none"``, ``"short"``, ``"empty"``).
+    """
 
     instances: list[FakeLLM] = []
     fail_on_call: int | None = None  # raise on this generate call (0-based): a run killed mid-way
+    logprobs_answer = "ok"
 
     def __init__(self, model: str, dtype: str, seed: int, **kw):
         from transformers import AutoModelForCausalLM
@@ -164,13 +210,23 @@ class FakeLLM:
             assert sp.temperature == 0
             ids = torch.tensor([p["prompt_token_ids"]])
             with torch.no_grad():
-                seq = self.model.generate(
+                res = self.model.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=sp.max_tokens, do_sample=False,
                     eos_token_id=sp.stop_token_ids, pad_token_id=sp.stop_token_ids[0], temperature=None,
-                    top_p=None, top_k=None,
+                    top_p=None, top_k=None, output_logits=True, return_dict_in_generate=True,
                 )  # fmt: skip
-            new, finished = split_at_stop(seq[0, ids.shape[1] :].tolist(), sp.stop_token_ids)
-            out = types.SimpleNamespace(token_ids=tuple(new), finish_reason="stop" if finished else "length")
+            new, finished = split_at_stop(res.sequences[0, ids.shape[1] :].tolist(), sp.stop_token_ids)
+            out = types.SimpleNamespace(token_ids=tuple(new), finish_reason="stop" if finished else "length",
+                                        logprobs=None)  # fmt: skip
+            if sp.logprobs is not None:
+                top = [torch.log_softmax(x[0].float(), -1).max(-1) for x in res.logits[: len(new)]]
+                out.logprobs = [{int(i): FakeLogprob(float(v), rank=1)} for v, i in top]
+                if FakeLLM.logprobs_answer == "short":
+                    out.logprobs = out.logprobs[:-1]
+                elif FakeLLM.logprobs_answer == "empty":
+                    out.logprobs[0] = {}
+                elif FakeLLM.logprobs_answer == "none":
+                    out.logprobs = None
             outs.append(types.SimpleNamespace(outputs=[out]))
         return outs
 
@@ -180,9 +236,9 @@ def fake_vllm(monkeypatch):
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams = FakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", mod)
-    FakeLLM.instances, FakeLLM.fail_on_call = [], None
+    FakeLLM.instances, FakeLLM.fail_on_call, FakeLLM.logprobs_answer = [], None, "ok"
     yield mod
-    FakeLLM.instances, FakeLLM.fail_on_call = [], None
+    FakeLLM.instances, FakeLLM.fail_on_call, FakeLLM.logprobs_answer = [], None, "ok"
 
 
 @pytest.fixture
@@ -230,7 +286,9 @@ def test_cli_vllm_backend_collects_what_the_transformers_backend_collects(
     _assert_same_collection(a, b)
 
     (llm,) = FakeLLM.instances  # one engine; the 3 batches fit one window (8), so one generate call
-    assert llm.kwargs == dict(model=str(model_dir.resolve()), dtype="float32", seed=5)
+    assert llm.kwargs == dict(
+        model=str(model_dir.resolve()), dtype="float32", seed=5, logprobs_mode="raw_logprobs"
+    )
     assert len(llm.calls) == 1
     prompts, params = llm.calls[0]
     tok = make_tokenizer()
@@ -238,6 +296,7 @@ def test_cli_vllm_backend_collects_what_the_transformers_backend_collects(
     assert len(stop) == 2 and tok.eos_token_id in stop
     assert all(p.stop_token_ids == stop for p in params)
     assert all(p.max_tokens == 10 and p.temperature == 0 and p.repetition_penalty == 1.0 for p in params)
+    assert all(p.logprobs == 1 for p in params)  # conf comes from vLLM, not from the forward
     assert sorted(p.seed for p in params) == sorted(request_seed(5, i) for i in range(8))
     # requests are token ids: exactly the tokenizer's ids of the prompt texts, no special tokens added
     texts = build_prompts(tok, lrs.stages.problems(TaskConfig(split="train", limit=8)))
@@ -255,8 +314,6 @@ def test_cli_vllm_backend_collects_what_the_transformers_backend_collects(
 def test_vllm_run_killed_mid_way_resumes_to_the_uninterrupted_collection(
     tmp_path, model_dir, fake_vllm, text_grades
 ):
-    from lrs.models import load_model
-
     model, tok = load_model(str(model_dir), dtype="float32", device="cpu")
     FakeLLM.fail_on_call = 2  # windows of 1 batch: the third batch's generate call fails
     with pytest.raises(RuntimeError, match="engine died"):
@@ -272,6 +329,53 @@ def test_vllm_run_killed_mid_way_resumes_to_the_uninterrupted_collection(
     ref = collect_traces(model, tok, PROBLEMS, tmp_path / "ref", **_kw())
     assert resumed.complete and len(resumed) == 10
     _assert_same_collection(ref, resumed)
+
+
+def test_vllm_logprob_conf_equals_generate_time_conf(model_dir, fake_vllm):
+    """conf[s] = exp(top-1 raw logprob) from the engine equals what ``generate`` records, in fp32."""
+    model, tok = load_model(str(model_dir), dtype="float32", device="cpu")
+    texts = build_prompts(tok, PROBLEMS)
+    ids = [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    req = GenRequest(texts, ids, 0, [0] * len(ids))
+    (comps,) = VLLMGenerator(model, tok).generate_ids([req], max_new_tokens=12, temperature=0.0)
+    gens = generate(model, tok, texts, max_new_tokens=12, batch_size=len(texts), progress=False)
+    for c, g in zip(comps, gens, strict=True):
+        assert c.ids == g.token_ids and c.conf.dtype == torch.float32 and c.conf.shape == (len(c.ids),)
+        assert (c.conf - torch.tensor(g.conf)).abs().max() <= FP32_TOL
+    with pytest.raises(LRSError, match="logprobs_mode"):  # conf is defined on the raw logits only
+        VLLMGenerator(model, tok, llm_kwargs={"logprobs_mode": "processed_logprobs"})
+
+
+@pytest.mark.parametrize("answer", ["ok", "none", "short", "empty"])
+def test_vllm_conf_comes_from_logprobs_else_from_the_forward(
+    tmp_path, model_dir, fake_vllm, text_grades, answer, caplog
+):
+    """Good logprobs: the forward never reaches the output embedding. Missing or malformed ones: a warning,
+    and the forward computes conf. Either way the collection is the transformers backend's."""
+    model, tok = load_model(str(model_dir), dtype="float32", device="cpu")
+    FakeLLM.logprobs_answer = answer
+    heads: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *_: heads.append(1))
+    try:
+        got = collect_traces(model, tok, PROBLEMS, tmp_path / "v", backend=VLLMGenerator(model, tok), **_kw())
+    finally:
+        hook.remove()
+    ref = collect_traces(model, tok, PROBLEMS, tmp_path / "ref", **_kw())
+    _assert_same_collection(ref, got)
+    assert (len(heads) == 0) == (answer == "ok")
+    assert caplog.text.count("no usable per-token logprobs") == (answer != "ok")
+
+
+def test_plain_id_lists_from_a_generator_still_work(tmp_path):
+    """A :class:`TokenGenerator` returning id lists (no :class:`Completion`) gets conf from the forward."""
+    model, tok = make_model("qwen2"), make_tokenizer()
+    inner = TransformersGenerator(model, tok)
+    plain = types.SimpleNamespace(
+        name="plain", window=1,
+        generate_ids=lambda reqs, **kw: [[c.ids for c in row] for row in inner.generate_ids(reqs, **kw)],
+    )  # fmt: skip
+    ref = collect_traces(model, tok, PROBLEMS, tmp_path / "ref", **_kw())
+    _assert_same_collection(ref, collect_traces(model, tok, PROBLEMS, tmp_path / "p", backend=plain, **_kw()))
 
 
 def test_missing_vllm_fails_before_any_work_with_the_install_line(
@@ -321,3 +425,11 @@ def test_helpers(tmp_path, fake_vllm, monkeypatch):
         vllm_engine_args()
     with pytest.raises(LRSError, match="as many|completions"):
         teacher_forced_states(make_model("qwen2"), [[1]], [], [0])
+    # vLLM's per-token logprobs -> conf; anything else -> None (the forward computes conf)
+    pos = {4: FakeLogprob(-0.5, 1), 9: FakeLogprob(-2.0, 3)}  # top-1 and a sampled token
+    assert torch.equal(top1_conf([pos, {9: FakeLogprob(0.0, 1)}], 2), torch.tensor([math.exp(-0.5), 1.0]))
+    for bad in (None, [pos], [pos, {}], [pos, None], [pos, {1: 0.5}], [pos, {1: FakeLogprob(float("nan"))}]):
+        assert top1_conf(bad, 2) is None
+    assert Completion([1, 2], [0.5, 1]).conf.dtype == torch.float32 and Completion([1]).conf is None
+    with pytest.raises(LRSError, match="confidences for 2 token ids"):
+        Completion([1, 2], torch.ones(3))

@@ -7,17 +7,22 @@ backend records these with hooks while ``transformers`` generates. A faster gene
 so this module recovers the same quantities afterwards with a teacher-forced forward over prompt + completion:
 call ``s`` of ``generate`` sees, causally, exactly the prompt followed by generated tokens ``0..s-1``, so its
 last-position state is the state at position ``prompt_len - 1 + s`` of one causal forward over the whole
-sequence (equal up to floating-point rounding: other kernels, other padding, no KV cache).
+sequence (equal up to floating-point rounding: other kernels, other padding, no KV cache). A generator that
+returns ``conf`` with the ids (vLLM, from its per-token logprobs of the raw logits) spares the recovery the
+blocks above the deepest collected layer and the output embedding: that forward stops there.
 
-Here: :func:`teacher_forced_states` (the recovery), the :class:`TokenGenerator` protocol with its two
-implementations (:class:`VLLMGenerator`, and :class:`TransformersGenerator` for tests and the benchmark), and
-the check that vLLM is importable (:func:`require_vllm`) with the one line saying how to install it.
+Here: :func:`teacher_forced_states` (the recovery), the :class:`TokenGenerator` protocol and what it returns
+(:class:`Completion`) with its two implementations (:class:`VLLMGenerator`, and :class:`TransformersGenerator`
+for tests and the benchmark), and the check that vLLM is importable (:func:`require_vllm`) with the one line
+saying how to install it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +47,11 @@ VLLM_INSTALL = (
 #: default cap on the logits one teacher-forced forward materialises (rows x kept positions x vocabulary);
 #: 2**27 values are 256 MiB in bf16, 512 MiB in fp32 (plus the fp32 softmax of the same size)
 MAX_LOGITS = 2**27
+
+#: vLLM's ``logprobs_mode`` for log-softmax of the model's logits before any processor (default in 0.32)
+RAW_LOGPROBS = "raw_logprobs"
+
+log = logging.getLogger("lrs.backends")
 
 #: GPU memory left free for the teacher-forced forward when vLLM shares the GPU with the transformers model
 GPU_HEADROOM = 4 << 30
@@ -70,12 +80,13 @@ class StepStates:
 
     ``hidden[L]`` is ``[T, d]`` in the model's dtype (row ``s``: the state that predicts generated token ``s``),
     ``prompt[L]`` is the ``[d]`` fp32 mean over the prompt positions, ``conf`` is ``[T]`` fp32 (max softmax of
-    the output-embedding logits that predict token ``s``, before any logits processor, as at generate time).
+    the output-embedding logits that predict token ``s``, before any logits processor, as at generate time);
+    ``conf`` is None when :func:`teacher_forced_states` was told not to compute it (``need_conf=False``).
     """
 
     hidden: dict[int, torch.Tensor]
     prompt: dict[int, torch.Tensor]
-    conf: torch.Tensor
+    conf: torch.Tensor | None
 
 
 def _row_chunks(lengths: Sequence[int], vocab: int, max_logits: int) -> list[list[int]]:
@@ -103,6 +114,7 @@ def teacher_forced_states(
     *,
     pad_id: int = 0,
     max_logits: int = MAX_LOGITS,
+    need_conf: bool = True,
 ) -> list[StepStates]:
     """Recover, for each (prompt, completion), what generate-time recording stores (:class:`StepStates`).
 
@@ -113,30 +125,42 @@ def teacher_forced_states(
     are its last ``T`` positions and only the last ``max T`` positions' logits are computed
     (``logits_to_keep``). Rows are split into consecutive chunks (one forward each) so that those logits stay
     under ``max_logits`` values; chunking changes only padding, not results beyond rounding.
+
+    With ``need_conf=False`` (the generator gave ``conf``) no logits are computed: the forward stops right
+    after the deepest block in ``layers`` (whose outputs are what is stored), and all rows go in one forward.
+    States and prompt means are then exactly those of the full forward on the same rows; ``conf`` is None.
     """
     if len(prompt_ids) != len(completion_ids):
         raise LRSError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions to teacher-force")
     if any(len(p) == 0 for p in prompt_ids):
         raise LRSError("cannot teacher-force an empty prompt: the first state needs a prompt position")
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
+    head = model.get_output_embeddings() if need_conf else None
+    if need_conf and (head is None or getattr(head, "weight", None) is None):
         raise LRSError(
             "teacher-forced state recovery needs the model's output embedding (to compute conf[s])"
         )
     blocks = decoder_layers(model)
     layers = list(layers)
-    vocab = int(head.weight.shape[0])
     results: list[StepStates | None] = [None] * len(prompt_ids)
     lengths = [len(c) for c in completion_ids]
-    for rows in _row_chunks(lengths, vocab, max_logits):
+    if head is None:  # no logits to bound: one forward for all rows
+        chunks = [list(range(len(lengths)))] if lengths else []
+    else:
+        chunks = _row_chunks(lengths, int(head.weight.shape[0]), max_logits)
+    for rows in chunks:
         for r, st in zip(rows, _forward_chunk(model, blocks, head, prompt_ids, completion_ids, rows, layers,
                                               pad_id), strict=True):  # fmt: skip
             results[r] = st
     return results  # type: ignore[return-value]
 
 
+class _StopForward(Exception):
+    """Raised by the hook on the deepest collected block to end a forward whose remaining output is unused."""
+
+
 def _forward_chunk(model, blocks, head, prompt_ids, completion_ids, rows, layers, pad_id) -> list[StepStates]:
-    """One teacher-forced forward over ``rows`` (see :func:`teacher_forced_states`)."""
+    """One teacher-forced forward over ``rows`` (see :func:`teacher_forced_states`); ``head`` None: no conf,
+    and the forward is cut short after block ``max(layers)``."""
     seqs = [list(prompt_ids[r]) + list(completion_ids[r])[: max(len(completion_ids[r]) - 1, 0)] for r in rows]
     n_prompt = [len(prompt_ids[r]) for r in rows]
     n_gen = [len(completion_ids[r]) for r in rows]
@@ -157,11 +181,15 @@ def _forward_chunk(model, blocks, head, prompt_ids, completion_ids, rows, layers
     conf: list[torch.Tensor] = []
     pm = in_prompt.to(dev).unsqueeze(-1).to(torch.float32)
 
+    last = max(layers, default=-1)
+
     def block_hook(layer: int):
         def fn(module, args, output):
             h = layer_output(output)
             states[layer] = h[:, -keep:].detach().cpu()
             means[layer] = ((h.detach().float() * pm).sum(1) / pm.sum(1).clamp_min(1)).cpu()
+            if head is None and layer == last:
+                raise _StopForward
 
         return fn
 
@@ -170,7 +198,8 @@ def _forward_chunk(model, blocks, head, prompt_ids, completion_ids, rows, layers
         conf.append(torch.softmax(logits[:, -keep:].float(), dim=-1).amax(dim=-1).cpu())
 
     handles = [blocks[L].register_forward_hook(block_hook(L)) for L in layers]
-    handles.append(head.register_forward_hook(head_hook))
+    if head is not None:
+        handles.append(head.register_forward_hook(head_hook))
     try:
         with torch.no_grad():
             model(
@@ -180,10 +209,17 @@ def _forward_chunk(model, blocks, head, prompt_ids, completion_ids, rows, layers
                 use_cache=False,
                 logits_to_keep=keep,
             )
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
-    if len(conf) != 1 or conf[0].shape[1] != keep:
+    if set(states) != set(layers):
+        raise LRSError(
+            f"the teacher-forced forward did not run decoder blocks {sorted(set(layers) - set(states))}; "
+            "this model's forward is not supported by the vLLM backend"
+        )
+    if head is not None and (len(conf) != 1 or conf[0].shape[1] != keep):
         raise LRSError(
             "the teacher-forced forward did not call the output embedding once on the kept positions; "
             "this model's forward is not supported by the vLLM backend"
@@ -194,7 +230,7 @@ def _forward_chunk(model, blocks, head, prompt_ids, completion_ids, rows, layers
             StepStates(
                 hidden={L: states[L][b, keep - t :].clone() for L in layers},
                 prompt={L: means[L][b].clone() for L in layers},
-                conf=conf[0][b, keep - t :].clone(),
+                conf=conf[0][b, keep - t :].clone() if head is not None else None,
             )
         )
     return out
@@ -215,8 +251,28 @@ class GenRequest:
     request_seeds: list[int]
 
 
+@dataclass
+class Completion:
+    """One generated completion: its token ids and, if the generator knows them, their confidences.
+
+    ``conf`` is ``[len(ids)]`` fp32 with :attr:`StepStates.conf`'s meaning (top-token probability of the raw
+    logits that predicted each id), or None; when given, the teacher-forced forward need not compute logits.
+    """
+
+    ids: list[int]
+    conf: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.conf is not None:
+            self.conf = torch.as_tensor(self.conf, dtype=torch.float32)
+            if self.conf.shape != (len(self.ids),):
+                raise LRSError(
+                    f"a generator gave {tuple(self.conf.shape)} confidences for {len(self.ids)} token ids"
+                )
+
+
 class TokenGenerator(Protocol):
-    """Produces completion token ids; states then come from :func:`teacher_forced_states`.
+    """Produces completions; :func:`teacher_forced_states` adds states (and conf, unless a completion has it).
 
     ``name`` goes into the collection's settings (so a collection is resumed only by the same backend);
     ``window`` is how many collection batches one :meth:`generate_ids` call should get (a server-style engine
@@ -228,8 +284,11 @@ class TokenGenerator(Protocol):
 
     def generate_ids(
         self, requests: Sequence[GenRequest], *, max_new_tokens: int, temperature: float
-    ) -> list[list[list[int]]]:
-        """Completion token ids per request and prompt (a stop token, if generated, is the last id)."""
+    ) -> list[list[Completion]]:
+        """Completions per request and prompt (a stop token, if generated, is the last id).
+
+        A plain list of ids in place of a :class:`Completion` is accepted as one without ``conf``.
+        """
         ...
 
 
@@ -257,7 +316,8 @@ class TransformersGenerator:
 
     def generate_ids(
         self, requests: Sequence[GenRequest], *, max_new_tokens: int, temperature: float
-    ) -> list[list[list[int]]]:
+    ) -> list[list[Completion]]:
+        """One ``generate`` batch per request; no ``conf`` (the teacher-forced forward computes it)."""
         out = []
         for req in requests:
             gens = generate(
@@ -270,7 +330,7 @@ class TransformersGenerator:
                 seed=req.seed,
                 progress=False,
             )
-            out.append([g.token_ids for g in gens])
+            out.append([Completion(g.token_ids) for g in gens])
         return out
 
 
@@ -314,6 +374,13 @@ class VLLMGenerator:
     of token ids (no re-tokenisation, no BOS added) with
     ``SamplingParams(temperature, max_tokens, seed=request seed, stop_token_ids=eos ids)``; the model's
     ``repetition_penalty`` (which ``transformers.generate`` applies from the generation config) is passed too.
+
+    Each request also asks for ``logprobs=1`` and the engine is built with ``logprobs_mode="raw_logprobs"``
+    (log-softmax of the model's logits before penalties, temperature and top-k/p: what ``conf`` is measured
+    on), so every :class:`Completion` carries ``conf[s] = exp(top-1 logprob at step s)`` and the
+    teacher-forced forward computes no logits. An answer without usable logprobs gives a Completion without
+    ``conf`` (logged once): the forward then computes ``conf`` as before, so the collection is the same, only
+    slower.
     """
 
     name = "vllm"
@@ -330,8 +397,15 @@ class VLLMGenerator:
         self.repetition_penalty = float(rp) if rp else 1.0
         self.seed, self.window = seed, max(int(window), 1)
         self.llm_kwargs = dict(llm_kwargs or {})
+        mode = self.llm_kwargs.setdefault("logprobs_mode", RAW_LOGPROBS)
+        if mode != RAW_LOGPROBS:
+            raise LRSError(
+                f"vllm.LLM(logprobs_mode={mode!r}) is not supported: conf is measured on the raw logits, "
+                f"remove logprobs_mode from LRS_VLLM_ARGS (lrs sets {RAW_LOGPROBS!r})"
+            )
         self.device = torch.device(model.device)
         self._llm = None
+        self._warned = False
 
     def engine(self):
         """The ``vllm.LLM``, built once.
@@ -352,7 +426,8 @@ class VLLMGenerator:
 
     def generate_ids(
         self, requests: Sequence[GenRequest], *, max_new_tokens: int, temperature: float
-    ) -> list[list[list[int]]]:
+    ) -> list[list[Completion]]:
+        """All requests' prompts in one engine call; completions with ``conf`` from the returned logprobs."""
         import vllm
 
         prompts = [{"prompt_token_ids": list(ids)} for req in requests for ids in req.prompt_ids]
@@ -363,6 +438,7 @@ class VLLMGenerator:
                 seed=s,
                 stop_token_ids=list(self.stop),
                 repetition_penalty=self.repetition_penalty,
+                logprobs=1,
             )
             for req in requests
             for s in req.request_seeds
@@ -370,12 +446,35 @@ class VLLMGenerator:
         outs = self.engine().generate(prompts, params, use_tqdm=False)
         if len(outs) != len(prompts):
             raise LRSError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")
-        flat = [list(o.outputs[0].token_ids) for o in outs]
+        flat = []
+        for o in outs:
+            ids = list(o.outputs[0].token_ids)
+            conf = top1_conf(getattr(o.outputs[0], "logprobs", None), len(ids))
+            if conf is None and not self._warned:
+                self._warned = True
+                log.warning("lrs: vLLM gave no usable per-token logprobs; conf is computed by the forward")
+            flat.append(Completion(ids, conf))
         grouped, at = [], 0
         for req in requests:
             grouped.append(flat[at : at + len(req.prompt_ids)])
             at += len(req.prompt_ids)
         return grouped
+
+
+def top1_conf(logprobs, n: int) -> torch.Tensor | None:
+    """``[n]`` fp32 ``exp(top-1 logprob)`` per generated token from vLLM's ``CompletionOutput.logprobs``.
+
+    That is one ``{token id: Logprob(logprob, rank, ...)}`` per generated token, holding the top ``logprobs``
+    tokens and the sampled one, so the largest logprob is the top-1's. None unless there is exactly one
+    non-empty entry per token and every top-1 probability is in [0, 1] (the caller then falls back).
+    """
+    try:
+        if logprobs is None or len(logprobs) != n:
+            return None
+        conf = [math.exp(max(float(lp.logprob) for lp in pos.values())) for pos in logprobs]
+    except (AttributeError, TypeError, ValueError, OverflowError):  # None / empty / foreign entries
+        return None
+    return torch.tensor(conf, dtype=torch.float32) if all(0.0 <= c <= 1.0 for c in conf) else None
 
 
 def request_seed(seed: int, job: int) -> int:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lrs import __version__
 from lrs.artifacts import atomic_save_tensors, atomic_write_json
 from lrs.backends import (
+    Completion,
     GenRequest,
     StepStates,
     TokenGenerator,
@@ -202,13 +203,25 @@ def _recorded(model, tokenizer, prompts: list[str], layers: list[int], *, max_ne
     return gens, states
 
 
-def _teacher_forced(model, tokenizer, req: GenRequest, ids: list[list[int]], layers: list[int]
-                    ) -> tuple[list[Generation], list[StepStates]]:  # fmt: skip
-    """A generator's token ids for one batch → generations (text, stop, conf) and states by teacher forcing."""
+def _teacher_forced(model, tokenizer, req: GenRequest, comps: Sequence[Completion | Sequence[int]],
+                    layers: list[int]) -> tuple[list[Generation], list[StepStates]]:  # fmt: skip
+    """A generator's completions for one batch → generations (text, stop, conf), states by teacher forcing.
+
+    ``conf`` is the generator's where it gave one, else the forward's; the forward computes logits only if
+    some completion of the batch has no ``conf``.
+    """
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    cut = [split_at_stop(row, stop) for row in ids]
-    states = teacher_forced_states(model, req.prompt_ids, [c for c, _ in cut], layers, pad_id=pad_id)
+    comps = [c if isinstance(c, Completion) else Completion(list(c)) for c in comps]
+    cut = [split_at_stop(c.ids, stop) for c in comps]
+    confs = [
+        None if c.conf is None else c.conf[: len(ids)].clone() for c, (ids, _) in zip(comps, cut, strict=True)
+    ]
+    states = teacher_forced_states(model, req.prompt_ids, [c for c, _ in cut], layers, pad_id=pad_id,
+                                   need_conf=any(c is None for c in confs))  # fmt: skip
+    for st, conf in zip(states, confs, strict=True):
+        if conf is not None:
+            st.conf = conf
     gens = [
         Generation(tokenizer.decode(c, skip_special_tokens=True), c, finished, st.conf.tolist())
         for (c, finished), st in zip(cut, states, strict=True)
@@ -246,9 +259,10 @@ def collect_traces(
     ``backend`` says only how token ids are produced and how states are obtained; batching, grading,
     rollouts, shards, manifest and resume are the same code for all. ``"transformers"`` records the states
     with hooks while ``generate`` decodes. ``"vllm"`` generates with vLLM (:class:`lrs.backends.VLLMGenerator`,
-    several batches per engine call) and recovers states and confidences with one teacher-forced forward per
-    batch (:func:`lrs.backends.teacher_forced_states`); so does any :class:`lrs.backends.TokenGenerator`
-    object. A backend other than ``"transformers"`` is part of the collection's settings (its ``name``).
+    several batches per engine call; confidences from its logprobs) and recovers the states with one
+    teacher-forced forward per batch that stops after the deepest layer
+    (:func:`lrs.backends.teacher_forced_states`); so does any :class:`lrs.backends.TokenGenerator` object,
+    whose forward also computes the confidences when it gives none. A backend other than ``"transformers"`` is part of the collection's settings (its ``name``).
     """
     if not problems:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
@@ -311,7 +325,7 @@ def collect_traces(
             return GenRequest(texts, [list(x) for x in ids], seed * 1_000_003 + b,
                               [request_seed(seed, i) for i in idx])  # fmt: skip
 
-        ahead: dict[int, tuple[GenRequest, list[list[int]]]] = {}
+        ahead: dict[int, tuple[GenRequest, list[Completion]]] = {}
         for n, b in enumerate(todo):
             idx = batches[b]
             if gen is None:
