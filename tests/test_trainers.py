@@ -410,3 +410,27 @@ def test_logit_lens_norms_and_matched_random_control(tokenizer):
     assert torch.equal(ctrl.vectors[1], matched_random_vectors(vecs, seed=1).vectors[1])
     every = SteeringVectors({0: W[65].clone()}, source="rl", positions="all")
     assert matched_random_vectors(every).positions == "all" and ctrl.positions == "generated"
+
+
+def test_training_curves_draw_the_moving_mean_and_say_when_kl_is_off(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from lrs.trainers import plot_curves
+
+    log = [dict(step=s, reward_mean=-1 + s / 10, pass_rate=s / 20, kl=None) for s in range(1, 13)]
+    drawn, texts = [], []
+    real_plot, real_text = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda self, *a, **k: drawn.append((a, k)) or real_plot(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "text", lambda self, *a, **k: texts.append(a) or real_text(self, *a, **k)
+    )
+    path = plot_curves(log, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot_curves([], tmp_path / "x.png") is None
+    ma = [(a, k) for a, k in drawn if k.get("label") == "10-step mean"]
+    assert len(ma) == 1 and list(ma[0][0][0]) == [10, 11, 12]
+    assert ma[0][0][1] == pytest.approx(
+        [sum(-1 + s / 10 for s in range(i - 9, i + 1)) / 10 for i in (10, 11, 12)]
+    )
+    assert any("not measured" in a[2] for a in texts)  # the KL panel of a run without KL

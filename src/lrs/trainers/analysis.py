@@ -97,6 +97,9 @@ def matched_random_vectors(vectors: Vectors, seed: int = 0) -> SteeringVectors:
     return SteeringVectors(out, alpha, source="rl-random", provenance=prov, positions=positions)
 
 
+MA = 10  # steps in the moving mean drawn over the reward (RL_METHODS.md's stopping rule uses 10)
+
+
 def plot_curves(log: list[dict], path: str | Path) -> Path | None:
     """Training curves (reward, pass rate, length / truncation, KL, parameter norm) as one PNG."""
     if not log:
@@ -117,13 +120,22 @@ def plot_curves(log: list[dict], path: str | Path) -> Path | None:
     FigureCanvasAgg(fig)
     for n, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(2, 3, n + 1)
+        drawn, legend = False, len(keys) > 1
         for key in keys:
             pts = [(s, r.get(key)) for s, r in zip(steps, log, strict=True) if r.get(key) is not None]
             if pts:
+                drawn = True
                 ax.plot(*zip(*pts, strict=True), marker=".", label=key)
+            if key == "reward_mean" and len(pts) >= MA:  # the stopping rule reads the 10-step moving mean
+                xs, ys = zip(*pts, strict=True)
+                ma = [sum(ys[i - MA + 1 : i + 1]) / MA for i in range(MA - 1, len(ys))]
+                ax.plot(xs[MA - 1 :], ma, color="black", lw=2, label=f"{MA}-step mean")
+                legend = True
+        if not drawn:
+            ax.text(0.5, 0.5, "not measured (off)", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        if len(keys) > 1:
+        if legend:
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
