@@ -10,7 +10,6 @@ from conftest import make_model, make_tokenizer
 
 from lrs.analysis.vectors import (
     analyse_vectors,
-    control_for,
     distribution_shift,
     first_token_logprobs,
     markdown,
@@ -19,7 +18,7 @@ from lrs.analysis.vectors import (
 from lrs.cli import main
 from lrs.steering.vectors import SteeringVectors
 from lrs.tasks import build_prompts, load_task
-from lrs.trainers.analysis import final_norm, layer_norms
+from lrs.trainers.analysis import final_norm, layer_norms, matched_random_vectors
 
 TOP_KEYS = {
     "format",
@@ -114,7 +113,7 @@ def test_control_matches_norms_and_positions(tokenizer, prompts):
     model = make_model("qwen2", layers=3)
     g = torch.Generator().manual_seed(0)
     vecs = SteeringVectors({L: torch.randn(32, generator=g) * (L + 1) for L in range(3)}, positions="all")
-    ctrl = control_for(vecs, seed=3)
+    ctrl = matched_random_vectors(vecs, seed=3)
     assert ctrl.positions == "all" and ctrl.source == "rl-random"
     for L, n in layer_norms(vecs).items():
         assert abs(layer_norms(ctrl)[L] - n) <= 1e-5 * max(1.0, n)

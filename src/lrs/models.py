@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def _from_pretrained(path: str | Path, dtype: torch.dtype, **kw):
     model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_kwarg(): dtype}, **kw)
     tok = AutoTokenizer.from_pretrained(path, **kw)
     return model, tok
+
+
+def logits_to_keep(model: nn.Module, n: int) -> dict:
+    """``{keyword: n}`` that makes ``model.forward`` compute logits for the last ``n`` positions only, or ``{}``
+    when it has no such keyword (``num_logits_to_keep`` before transformers 4.50, ``logits_to_keep`` since);
+    callers still slice the logits, as an older forward may take the keyword and ignore it."""
+    params = inspect.signature(model.forward).parameters
+    return next(({k: n} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
 
 
 def load_tokenizer(path: str | Path, flag: str = "--tokenizer"):

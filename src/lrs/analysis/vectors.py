@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,9 +62,10 @@ def first_token_logprobs(
         raise LRSError("no prompts to analyse (empty split or --limit 0)")
     if batch_size < 1:
         raise LRSError(f"--batch-size must be >= 1, got {batch_size}")
+    from lrs.models import logits_to_keep  # here: lrs.models imports transformers, `lrs --help` should not
+
     dev = next(model.parameters()).device
-    params = inspect.signature(model.forward).parameters
-    keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+    keep = logits_to_keep(model, 1)
     side, tok.padding_side = tok.padding_side, "left"
     out: torch.Tensor | None = None
     ctx = steerer.apply(model, tok) if steerer is not None else contextlib.nullcontext()
@@ -142,13 +142,6 @@ def distribution_shift(base: torch.Tensor, steered: torch.Tensor, tok, top: int 
     )
 
 
-def control_for(vectors: SteeringVectors, seed: int = 0) -> SteeringVectors:
-    """The norm-matched random control of ``vectors`` (same per-layer norms, same positions)."""
-    from lrs.trainers.analysis import matched_random_vectors
-
-    return matched_random_vectors(vectors, seed)
-
-
 # ---- the whole analysis -----------------------------------------------------------------------------------
 
 
@@ -181,11 +174,11 @@ def analyse_vectors(
     shows), ``first_token`` (``n_prompts``, ``base.argmax_top`` and one :func:`distribution_shift` each for
     ``trained`` and ``control``) and ``notes`` (caveats worth printing).
     """
-    from lrs.trainers.analysis import layer_norms, logit_lens
+    from lrs.trainers.analysis import layer_norms, logit_lens, matched_random_vectors
 
     if top < 1:
         raise LRSError(f"--top must be >= 1, got {top}")
-    control = control_for(vectors, control_seed)
+    control = matched_random_vectors(vectors, control_seed)
     norms, cnorms = layer_norms(vectors), layer_norms(control)
     lens = logit_lens(model, tok, vectors, top=top)
     base = first_token_logprobs(model, tok, prompts, batch_size=batch_size, progress=progress, desc="base")

@@ -20,7 +20,6 @@ step), so a killed run that is resumed ends with the same parameters as an unint
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import random
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from lrs.artifacts import atomic_write_json, atomic_write_text
 from lrs.errors import LRSError
 from lrs.generation import Generation, eos_ids, generate
-from lrs.models import check_budget, model_fingerprint, model_name
+from lrs.models import check_budget, logits_to_keep, model_fingerprint, model_name
 from lrs.runs import check_dir_target, exclusive
 from lrs.steering.vectors import SteeringVectors
 from lrs.tasks import Problem, build_prompts
@@ -98,12 +97,6 @@ def step_problems(n: int, per_step: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def _keep_kwarg(model: nn.Module) -> str | None:
-    """The forward() keyword that limits logits to the last N positions (renamed in transformers 4.50)."""
-    params = inspect.signature(model.forward).parameters
-    return next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-
-
 def token_logprobs(
     model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], temperature: float = 1.0, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +115,7 @@ def token_logprobs(
     for i, (p, c) in enumerate(rows):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         mask[i, : len(p) + len(c)] = 1
-    keep = {_keep_kwarg(model): S - w0} if _keep_kwarg(model) else {}
+    keep = logits_to_keep(model, S - w0)
     logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **keep).logits
     if logits.shape[1] != S - w0:  # a model without the option: all positions came back
         logits = logits[:, -(S - w0) :]
