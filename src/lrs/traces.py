@@ -262,7 +262,8 @@ def collect_traces(
     several batches per engine call; confidences from its logprobs) and recovers the states with one
     teacher-forced forward per batch that stops after the deepest layer
     (:func:`lrs.backends.teacher_forced_states`); so does any :class:`lrs.backends.TokenGenerator` object,
-    whose forward also computes the confidences when it gives none. A backend other than ``"transformers"`` is part of the collection's settings (its ``name``).
+    whose forward also computes the confidences when it gives none. A backend other than ``"transformers"``
+    is part of the collection's settings (its ``name``).
     """
     if not problems:
         raise LRSError("no problems to collect traces on (empty split or --limit 0)")
