@@ -73,6 +73,17 @@ def make_model(arch: str = "qwen2", *, layers: int = 2, hidden: int = 32, seed: 
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-matrix tests (OpenMP spin-waits stall a shared 2-core box),
+    restored afterwards: some CLI tests set the thread count themselves. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -41,13 +41,7 @@ def low_rank_states(n=3000, rank=3, noise=0.01, seed=0) -> torch.Tensor:
     return (coef @ basis + 2.0 + noise * torch.randn(n, D, generator=g)).to(torch.bfloat16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-wait stalls on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

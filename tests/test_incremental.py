@@ -14,12 +14,7 @@ N = 6
 SAME = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rm(window=9, n_layers=2, use_position=True, seed=0, d_model=16, n_latents=N):

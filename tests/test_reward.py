@@ -22,13 +22,7 @@ from lrs.stats import auroc
 SMALL = dict(d_model=16, n_heads=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and stay fast on a shared 2-core box) with one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synth(n_problems=40, k=3, lengths=(20, 60), signal_from=10, latent_signal=1.5, prompt_signal=0.0, seed=0):

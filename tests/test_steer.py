@@ -17,12 +17,7 @@ LAYER = 1
 QUESTIONS = ["What is 2+3?", "hi", "a much longer question about numbers and apples"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(arch="qwen2", n=8, kind="causal"):
