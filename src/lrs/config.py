@@ -215,8 +215,8 @@ class TuneConfig:
 
     grid: str = opt(
         "small",
-        "size of the grid (quantile: like small, with the reward gate as a quantile of r instead of tau_r)",
-        choices=("tiny", "small", "quantile", "full"),
+        "size of the grid (quantile: like small, with the reward gate as a quantile of r instead of tau_r; quick: the quick demo's 5 points)",
+        choices=("tiny", "quick", "small", "quantile", "full"),
     )
     methods: str = opt(
         "lrs,lrs-basic,random,diffmean", "comma-separated methods to tune, each on its own grid"
