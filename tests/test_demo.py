@@ -11,7 +11,16 @@ from lrs.grading import Grade
 
 # the shape of the shipped quick preset: sampled train traces, identity encoder, calibrated (quantile) gate
 PRESET = Preset(
-    train=12, dev=4, test=6, tokens=96, latents=4, grid="quick", batch=8, encoder="identity", samples=2, temperature=0.7
+    train=12,
+    dev=4,
+    test=6,
+    tokens=96,
+    latents=4,
+    grid="quick",
+    batch=8,
+    encoder="identity",
+    samples=2,
+    temperature=0.7,
 )
 
 

@@ -54,13 +54,29 @@ PRESETS = {
     # identity encoder, a reward model trained on 4 sampled traces per problem (what raised within-problem
     # AUROC), the reward gate as a quantile of r, and a budget under which < 10 % of traces are truncated.
     "quick": Preset(
-        train=32, dev=16, test=32, tokens=448, latents=16, grid="quick", batch=16,
-        encoder="identity", samples=4, temperature=0.7,
-    ),  # fmt: skip
+        train=32,
+        dev=16,
+        test=32,
+        tokens=448,
+        latents=16,
+        grid="quick",
+        batch=16,
+        encoder="identity",
+        samples=4,
+        temperature=0.7,
+    ),
     "full": Preset(
-        train=150, dev=100, test=300, tokens=448, latents=64, grid="quantile", batch=16,
-        encoder="identity", samples=4, temperature=0.7,
-    ),  # fmt: skip
+        train=150,
+        dev=100,
+        test=300,
+        tokens=448,
+        latents=64,
+        grid="quantile",
+        batch=16,
+        encoder="identity",
+        samples=4,
+        temperature=0.7,
+    ),
 }
 
 
