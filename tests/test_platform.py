@@ -118,6 +118,13 @@ def test_a_changed_encoder_never_reuses_a_cached_eval_or_tune_result(run, tmp_pa
     assert main([*quantile_ev, "--tuned", "--force"]) == 0
     s = json.loads((tmp_path / "run2" / "eval" / "arith" / "test" / "lrs.summary.json").read_text())
     assert s["key_parts"]["steerer"]["config"]["tau_r_quantile"] == t["best"]["lrs"]["tau_r_quantile"]
+    # the summary records the tau_r the gate used (the quantile's value), not the unused default
+    from lrs.reward import load_reward_model
+    from lrs.reward.model import reward_quantile
+
+    rm = load_reward_model(tmp_path / "run2" / "reward.safetensors")
+    q = reward_quantile(rm, t["best"]["lrs"]["tau_r_quantile"])
+    assert s["steering"]["config"]["tau_r"] == float(q) != s["key_parts"]["steerer"]["config"]["tau_r"]
 
 
 def test_tuned_without_a_tune_for_these_artefacts_is_one_line(run, tmp_path, capsys):

@@ -299,7 +299,8 @@ class LatentRewardSteerer(Steerer):
             generated_steps=steps,
             nan_skipped=sum(r["nan_skipped"] for r in rows),
             mean_dh_norm=dh / steers if steers else 0.0,
-            config=asdict(self.cfg),
+            # tau_r as the gate used it: with tau_r_quantile, the quantile's value, not the unused default
+            config=asdict(self.cfg) | {"tau_r": float(self.tau_r)},
         )
 
     # ---- the hook ---------------------------------------------------------------------------------
