@@ -117,7 +117,7 @@ def run_demo(
 
     if not rd.encoder.exists():
         what = f"TopK SAE ({p.latents} latents, k=3)" if p.encoder == "topk" else f"{p.encoder} encoder"
-        _say(f"2/5 fitting a {what} on the train states")
+        _say(f"2/5 fitting the encoder ({what}) on the train states")
         ec = EncoderConfig(kind=p.encoder, latents=p.latents, layer=layer)
         enc, metrics = stages.fit_encoder(ts, ec, seed=seed)
         save_encoder(enc, rd.encoder, metrics=metrics)
