@@ -313,3 +313,18 @@ def test_layer_comes_from_any_sidecar_in_the_run_with_the_hash_the_run_used(tmp_
     )
     md = write_report(eval_dir, tmp_path / "rep", n_boot=50).read_text()
     assert "layer: `7`" in md
+
+
+def test_a_quantile_gated_run_reports_the_tau_r_its_gate_used(tmp_path):
+    """The cache key keeps the default tau_r; the report must show the quantile's value from the steering stats."""
+    from lrs.report.data import run_config
+
+    recs = [dict(id=f"p{i}", correct=bool(i % 2), tokens=10) for i in range(4)]
+    s = _summary("lrs", [dict(r, steers=2) for r in recs], steered=True)
+    s["key_parts"]["steerer"]["config"]["tau_r_quantile"] = 0.3
+    s["steering"]["config"] = dict(s["key_parts"]["steerer"]["config"], tau_r=0.4213)
+    cfg = run_config({"lrs": {"summary": s, "records": recs}}, tmp_path)
+    assert cfg["tau_r"] == 0.4213 and cfg["tau_r_quantile"] == 0.3
+    assert cfg["methods"][0]["tau_r"] == 0.4213
+    del s["steering"]["config"]  # a summary written before the stats held the used value
+    assert run_config({"lrs": {"summary": s, "records": recs}}, tmp_path)["tau_r"] == 0.9

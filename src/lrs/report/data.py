@@ -92,6 +92,13 @@ def _steerer(summary: dict) -> dict:
     return (summary.get("key_parts") or {}).get("steerer") or {}
 
 
+def _tau_r(summary: dict) -> float | None:
+    """The tau_r the gate used: with a quantile gate the steerer's stats hold the quantile's value, while the
+    settings in the cache key keep the unused default."""
+    used = ((summary.get("steering") or {}).get("config") or {}).get("tau_r")
+    return used if used is not None else (_steerer(summary).get("config") or {}).get("tau_r")
+
+
 def _short(h: str | None, n: int = 12) -> str:
     return str(h)[:n] if h else "–"
 
@@ -128,7 +135,7 @@ def run_config(results: dict[str, dict], eval_dir: Path) -> dict:
         reward=st.get("reward"),
         k=cfg.get("k"),
         alpha=cfg.get("alpha"),
-        tau_r=cfg.get("tau_r"),
+        tau_r=_tau_r(latent) if latent else None,
         tau_c=cfg.get("tau_c"),
         tau_r_quantile=cfg.get("tau_r_quantile"),
         gate=cfg.get("gate"),
@@ -162,7 +169,7 @@ def run_config(results: dict[str, dict], eval_dir: Path) -> dict:
                 kind=sst.get("kind", "none" if not sst else "?"),
                 k=c.get("k"),
                 alpha=c.get("alpha", sst.get("alpha")),
-                tau_r=c.get("tau_r"),
+                tau_r=_tau_r(s),
                 tau_c=c.get("tau_c"),
                 artefacts=", ".join(
                     f"{k} {_short(sst[k])}" for k in ("encoder", "reward", "vectors", "adapter") if sst.get(k)
