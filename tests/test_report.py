@@ -328,3 +328,31 @@ def test_a_quantile_gated_run_reports_the_tau_r_its_gate_used(tmp_path):
     assert cfg["methods"][0]["tau_r"] == 0.4213
     del s["steering"]["config"]  # a summary written before the stats held the used value
     assert run_config({"lrs": {"summary": s, "records": recs}}, tmp_path)["tau_r"] == 0.9
+
+
+def test_trained_vectors_are_paired_with_their_norm_matched_control_and_boxed_is_counted(tmp_path):
+    """A base / vectors / vectors-random run: the report follows ``vectors`` (not its control), compares it with
+    ``vectors-random`` like LRS with ``random``, and the % boxed column equals a hand count."""
+    from lrs.evaluate import load_result
+
+    src = make_run(tmp_path / "run", logs=False)
+    out = tmp_path / "vec" / "eval" / "toy" / "test"
+    unboxed = {0, 3, 7}  # base outputs without a final \boxed{} answer
+    for old, new in (("base", "base"), ("lrs", "vectors"), ("random", "vectors-random")):
+        res = load_result(src, old)
+        if old == "base":
+            for i in unboxed:
+                res["records"][i]["output"] = res["records"][i]["output"].replace("\\boxed", "")
+        res["summary"].update(method=new, name=new)
+        write_result(res, out, new)
+    write_report(out, tmp_path / "rep", n_boot=200)
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    vc = summary["method_vs_control"]
+    assert (vc["method"], vc["control"]) == ("vectors", "vectors-random")
+    assert (vc["method_only_right"], vc["control_only_right"]) == (7, 2)  # lrs/random's planted outcomes
+    rows = {r["method"]: r for r in summary["headline"]}
+    assert rows["base"]["boxed"] == pytest.approx((N - len(unboxed)) / N) and rows["vectors"]["boxed"] == 1.0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**vectors vs its matched random control `vectors-random`**" in md
+    assert "trained per-layer norms" in md and "% boxed" in md
+    assert "no matched random control" not in md

@@ -110,7 +110,7 @@ def _pair_row(p: dict) -> list:
 def _rectify_blocks(ctx: Context, logged: list[str]) -> list:
     base = ctx.records[ctx.base]
     primary = ctx.primary if ctx.primary in logged else logged[0]
-    control = ctx.control if primary == "lrs" and ctx.control in logged else None
+    control = ctx.control if primary == ctx.primary and ctx.control in logged else None
     if primary != ctx.primary:
         ctx.caveats.append(f"rectification follows {primary}: {ctx.primary} was run without --log-tokens")
     noise = _noise(ctx)

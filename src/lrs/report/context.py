@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrs.report.cards import Decoder
-from lrs.report.data import UNSTEERED, by_id
+from lrs.report.data import MATCHED_CONTROLS, UNSTEERED, by_id
 
 
 @dataclass
@@ -51,14 +51,19 @@ class Context:
 
     @property
     def primary(self) -> str | None:
-        """The steered run that the rectification figures and the trace cards follow: LRS, else the first."""
+        """The steered run that the rectification figures and the trace cards follow: LRS, else the first
+        steered run that is not another run's matched control."""
         s = self.steered
-        return "lrs" if "lrs" in s else (s[0] if s else None)
+        if "lrs" in s:
+            return "lrs"
+        controls = {c for m, c in MATCHED_CONTROLS.items() if m in s}
+        return next((m for m in s if m not in controls), s[0] if s else None)
 
     @property
     def control(self) -> str | None:
-        """LRS's matched random-direction control when both are present."""
-        return "random" if self.primary == "lrs" and "random" in self.results else None
+        """The primary run's matched random control (:data:`MATCHED_CONTROLS`) when both are present."""
+        c = MATCHED_CONTROLS.get(self.primary or "")
+        return c if c in self.results else None
 
     def fig(self, name: str) -> Path:
         """The path of figure ``name`` under ``figures/`` (recorded for ``summary.json`` if it gets drawn)."""

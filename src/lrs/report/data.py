@@ -17,11 +17,19 @@ from lrs.analysis.behaviours import lexicon_info
 from lrs.analysis.rectify import method_vs_control
 from lrs.errors import LRSError
 from lrs.evaluate import compare, load_result
+from lrs.grading import last_boxed
 from lrs.stats import mcnemar_mde, proportion_ci
 from lrs.steering import METHODS
 
 #: methods without steering: they are the references, never "steered"
 UNSTEERED = ("base", "cot", "fewshot")
+#: each method's matched random control (same gate and |Δh| for LRS; the same per-layer norms for vectors)
+MATCHED_CONTROLS = {"lrs": "random", "vectors": "vectors-random"}
+
+
+def matched_pair(results: dict[str, dict]) -> tuple[str, str] | None:
+    """The first (method, matched control) pair of :data:`MATCHED_CONTROLS` with both results present."""
+    return next(((m, c) for m, c in MATCHED_CONTROLS.items() if m in results and c in results), None)
 
 
 def parse_methods(spec: str | list[str] | None) -> list[str] | None:
@@ -200,11 +208,16 @@ def _mde(n: int, discordant: int) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _boxed(recs: list[dict]) -> int:
+    """Records whose output holds a final ``\\boxed{}`` answer (the format, apart from the reasoning)."""
+    return sum(last_boxed(r.get("output") or "") is not None for r in recs)
+
+
 def headline(results: dict[str, dict], base: str = "base") -> list[dict]:
     """One row per method: n, accuracy with its Wilson CI, and against ``base`` (when both exist and cover the
     same problems) Δ with a paired bootstrap CI, fixed / broken, exact McNemar p and the minimum detectable
-    effect; plus mean tokens, % truncated, % tokens steered, steering events per problem and seconds per
-    problem."""
+    effect; plus mean tokens, % truncated, % with a ``\\boxed{}`` answer (format apart from reasoning),
+    % tokens steered, steering events per problem and seconds per problem."""
     ref = results.get(base)
     rows = []
     for name, res in results.items():
@@ -225,6 +238,7 @@ def headline(results: dict[str, dict], base: str = "base") -> list[dict]:
             ci95=[lo, hi],
             mean_tokens=sum(r.get("tokens", 0) for r in recs) / n if n else math.nan,
             truncated=sum(bool(r.get("truncated")) for r in recs) / n if n else math.nan,
+            boxed=_boxed(recs) / n if n else math.nan,
             steer_rate=steering.get("steer_rate"),
             events_per_problem=events / n if events is not None and n else None,
             s_per_problem=wall / n if wall is not None and n else None,
@@ -251,11 +265,17 @@ def headline(results: dict[str, dict], base: str = "base") -> list[dict]:
 
 
 def versus_control(
-    results: dict[str, dict], method: str = "lrs", control: str = "random", base: str = "base"
+    results: dict[str, dict], method: str | None = None, control: str | None = None, base: str = "base"
 ):
-    """LRS against its matched random-direction control (``rectify.method_vs_control``: net fixes of each vs
+    """A method against its matched random control (``rectify.method_vs_control``: net fixes of each vs
     base, exact McNemar on the problems only one of them gets right) and the MDE at that discordance; None
-    when a run is missing or the problem sets differ."""
+    when a run is missing or the problem sets differ. Without ``method``/``control``: the first pair of
+    :data:`MATCHED_CONTROLS` present (LRS and ``random``, else trained ``vectors`` and ``vectors-random``)."""
+    if method is None or control is None:
+        pair = matched_pair(results)
+        if pair is None:
+            return None
+        method, control = pair
     if not all(m in results for m in (method, control, base)):
         return None
     try:

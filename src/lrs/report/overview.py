@@ -13,7 +13,7 @@ import json
 from lrs.report import figures as F
 from lrs.report.blocks import Bullets, Figure, FigureRow, Heading, Para, Raw, Table
 from lrs.report.context import Context
-from lrs.report.data import headline, num, pct, run_config, versus_control
+from lrs.report.data import MATCHED_CONTROLS, headline, num, pct, run_config, versus_control
 
 #: section anchors and titles, in order (tests check that every one is in the HTML)
 SECTIONS = (
@@ -102,26 +102,32 @@ def _row_cells(r: dict) -> list[str]:
         delta = "not paired"
     return [
         r["method"], str(r["n"]), f"{pct(r['acc'])} [{pct(lo)}, {pct(hi)}]", delta, fixed, broken, p,
-        f"{r['mean_tokens']:.0f}", pct(r["truncated"]), pct(r["steer_rate"]), num(r["events_per_problem"], ".1f"),
-        num(r["s_per_problem"], ".2f"),
+        f"{r['mean_tokens']:.0f}", pct(r["truncated"]), pct(r["boxed"]), pct(r["steer_rate"]),
+        num(r["events_per_problem"], ".1f"), num(r["s_per_problem"], ".2f"),
     ]  # fmt: skip
 
 
+#: what each matched control holds fixed, for the sentence under the headline table
+CONTROL_MATCH = {
+    "lrs": "same gate, same |Δz| in latent space, same decoder span and |Δh|, random direction",
+    "vectors": "random vectors with the trained per-layer norms",
+}
+
 HEADLINE_HEADER = [
     "method", "n", "acc [95% CI]", "Δ vs base [95% CI]", "fixed", "broken", "McNemar p", "mean tokens",
-    "% truncated", "% tokens steered", "events/problem", "s/problem",
+    "% truncated", "% boxed", "% tokens steered", "events/problem", "s/problem",
 ]  # fmt: skip
 HEADLINE_CSV = [
     "method", "n", "correct", "accuracy", "ci_lo", "ci_hi", "delta", "delta_lo", "delta_hi", "fixed", "broken",
-    "mcnemar_p", "mde", "mean_tokens", "truncated", "steer_rate", "events_per_problem", "s_per_problem",
+    "mcnemar_p", "mde", "mean_tokens", "truncated", "boxed", "steer_rate", "events_per_problem", "s_per_problem",
 ]  # fmt: skip
 
 
 def _csv_row(r: dict) -> list:
     dci = r.get("delta_ci") or [None, None]
     return [r["method"], r["n"], r["correct"], r["acc"], *r["ci95"], r.get("delta"), *dci, r.get("fixed"),
-            r.get("broken"), r.get("mcnemar_p"), r.get("mde"), r["mean_tokens"], r["truncated"], r["steer_rate"],
-            r["events_per_problem"], r["s_per_problem"]]  # fmt: skip
+            r.get("broken"), r.get("mcnemar_p"), r.get("mde"), r["mean_tokens"], r["truncated"], r["boxed"],
+            r["steer_rate"], r["events_per_problem"], r["s_per_problem"]]  # fmt: skip
 
 
 def _glance(rows: list[dict], vc: dict | None) -> str:
@@ -138,7 +144,7 @@ def _glance(rows: list[dict], vc: dict | None) -> str:
         )
     if vc is not None:
         tiles.append(
-            f'<div style="--c:#444">lrs vs random<b>{vc["net_fixes_method"]:+d} vs {vc["net_fixes_control"]:+d}</b>'
+            f'<div style="--c:#444">{html.escape(vc["method"])} vs {html.escape(vc["control"])}<b>{vc["net_fixes_method"]:+d} vs {vc["net_fixes_control"]:+d}</b>'
             f"<small>net fixes · McNemar p {vc['mcnemar_p']:.2g}</small></div>"
         )
     return '<div class="glance">' + "".join(tiles) + "</div>"
@@ -198,24 +204,26 @@ def headline_section(ctx: Context) -> list:
                 f"(`lrs.stats.mcnemar_mde`); the observed Δ is {pct(r['delta'], signed=True)}."
             )
     if vc is not None:
+        m, c = vc["method"], vc["control"]
         verdict = (
-            "LRS has more net fixes than its control"
+            f"{m} has more net fixes than its control"
             if vc["net_fixes_method"] > vc["net_fixes_control"]
-            else "LRS does not beat its matched control on net fixes"
+            else f"{m} does not beat its matched control on net fixes"
         )
         mde = f"; detectable difference at this discordance {pct(vc['mde'])}" if vc["mde"] is not None else ""
         blocks.append(
             Para(
-                f"**LRS vs the matched random-direction control** (same gate, same |Δh|, random direction): net "
-                f"fixes vs base {vc['net_fixes_method']:+d} vs {vc['net_fixes_control']:+d}; right only under lrs "
-                f"{vc['method_only_right']}, only under random {vc['control_only_right']}, exact McNemar p = "
+                f"**{m} vs its matched random control `{c}`** ({CONTROL_MATCH.get(m, 'matched')}): net "
+                f"fixes vs base {vc['net_fixes_method']:+d} vs {vc['net_fixes_control']:+d}; right only under {m} "
+                f"{vc['method_only_right']}, only under {c} {vc['control_only_right']}, exact McNemar p = "
                 f"{vc['mcnemar_p']:.3g}{mde}. {verdict}."
             )
         )
-    elif "lrs" in ctx.results:
-        ctx.missing.append("no matched random control: `lrs eval --method random` with LRS's settings")
-        blocks.append(Para("No matched `random` control run: without it, an LRS gain cannot be told apart from "
-                           "the effect of perturbing the same tokens. Add `lrs eval --method random`.",
+    elif ctx.primary in MATCHED_CONTROLS:
+        m, c = ctx.primary, MATCHED_CONTROLS[ctx.primary]
+        ctx.missing.append(f"no matched random control: `lrs eval --method {c}` with {m}'s settings")
+        blocks.append(Para(f"No matched `{c}` control run: without it, a gain of {m} cannot be told apart from "
+                           f"the effect of perturbing the model by as much. Add `lrs eval --method {c}`.",
                            kind="missing"))  # fmt: skip
     if mde_lines:
         blocks += [Heading(3, "Minimum detectable effect"), *[Para(x) for x in mde_lines]]
