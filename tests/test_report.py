@@ -356,3 +356,26 @@ def test_trained_vectors_are_paired_with_their_norm_matched_control_and_boxed_is
     assert "**vectors vs its matched random control `vectors-random`**" in md
     assert "trained per-layer norms" in md and "% boxed" in md
     assert "no matched random control" not in md
+
+
+def test_cli_power_from_a_pilot_pair_and_from_a_rate(tmp_path, capsys):
+    """`lrs power`: a pilot's discordance (lrs vs base: 6 fixed + 2 broken of 30), the MDE at n and the n an
+    effect needs; bad input is one line and exit 2."""
+    from lrs.stats import mcnemar_mde, mcnemar_n_needed
+
+    d = make_run(tmp_path / "run", logs=False)
+    assert main(["power", "--pilot", str(d / "base.jsonl"), str(d / "lrs.jsonl"), "--n", "300",
+                 "--effect", "0.1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    rate = 8 / N
+    assert "6 fixed / 2 broken" in out and f"discordance {rate:.1%}" in out
+    assert f"net change of {100 * mcnemar_mde(300, rate):.1f} points" in out
+    assert f"needs n = {mcnemar_n_needed(0.1, rate)} problems" in out
+    assert main(["power", "--n", "1200", "--discordance", "0.1"]) == 0
+    assert f"{100 * mcnemar_mde(1200, 0.1):.1f} points" in capsys.readouterr().out
+    for argv, msg in ((["--n", "300"], "exactly one of --discordance and --pilot"),
+                      (["--discordance", "0.1"], "give --n"),
+                      (["--pilot", str(d / "base.jsonl"), str(d / "nope.jsonl"), "--n", "3"], "no eval result")):  # fmt: skip
+        assert main(["power", *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1

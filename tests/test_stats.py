@@ -213,3 +213,15 @@ def test_mcnemar_power_and_minimum_detectable_effect_match_exact_binomial_sums()
     assert mcnemar_power(20, q) >= 0.8 > mcnemar_power(20, q - 0.002)
     assert 0.035 < mde < 0.045  # ~ 4 points: what n = 300 with a 7 % discordance rate can detect
     assert math.isnan(mcnemar_mde(10, 0.1))  # one discordant pair: never significant
+
+
+def test_n_needed_is_where_the_exact_mde_crosses_the_effect():
+    from lrs.stats import mcnemar_mde, mcnemar_n_needed
+
+    n = mcnemar_n_needed(0.05, 0.10)
+    assert mcnemar_mde(n, 0.10) <= 0.05 < mcnemar_mde(n - 1, 0.10)
+    assert 300 < n < 400  # 30-40 discordant pairs: a 3:1 split of them is what 80 % power at 5 % needs
+    big = mcnemar_n_needed(0.03, 0.10)
+    assert mcnemar_mde(big, 0.10) <= 0.03 < mcnemar_mde(big - 1, 0.10) and big > 2 * n
+    with pytest.raises(LRSError, match="effect <= discordant"):
+        mcnemar_n_needed(0.2, 0.1)  # a net change larger than the share of problems that change

@@ -104,6 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(b, C.ModelConfig)
     _run_flag(b)
 
+    pw = sub.add_parser(
+        "power",
+        help="size a paired comparison: the effect n problems can detect, or the n an effect needs (exact McNemar)",
+    )
+    pw.add_argument(
+        "--n", type=int, default=None, help="problems in the comparison: print its detectable effect"
+    )
+    pw.add_argument(
+        "--effect",
+        type=float,
+        default=None,
+        help="net accuracy change to detect, as a fraction (0.03 = 3 points)",
+    )
+    pw.add_argument(
+        "--discordance",
+        type=float,
+        default=None,
+        help="share of problems whose outcome differs between the two methods (e.g. 0.10), or --pilot",
+    )
+    pw.add_argument(
+        "--pilot",
+        nargs=2,
+        metavar=("RESULT_A", "RESULT_B"),
+        default=None,
+        help="two eval results (JSONL) on the same problems, e.g. dev runs: their discordance is used",
+    )
+    pw.add_argument("--alpha", type=float, default=0.05, help="two-sided significance level (default 0.05)")
+    pw.add_argument("--power", type=float, default=0.8, help="power to reach (default 0.8)")
+
     r = sub.add_parser(
         "report",
         help="write report.md and a self-contained report.html (figures, tables, summary.json) from eval results",
@@ -315,6 +344,46 @@ def cmd_best_of_n(args) -> None:
     print(f"saved: {out}")
 
 
+def cmd_power(args) -> None:
+    from lrs.stats import mcnemar_mde, mcnemar_n_needed
+
+    if (args.discordance is None) == (args.pilot is None):
+        raise LRSError("give exactly one of --discordance and --pilot")
+    if args.n is None and args.effect is None:
+        raise LRSError("give --n (to get the detectable effect) and/or --effect (to get the n it needs)")
+    if not (0 < args.alpha < 1 and 0 < args.power < 1):
+        raise LRSError(f"--alpha and --power must be in (0, 1), got {args.alpha}, {args.power}")
+    d = args.discordance
+    if args.pilot is not None:
+        from lrs.evaluate import compare, load_result
+
+        runs = []
+        for p in map(Path, args.pilot):
+            name = p.name.removesuffix(".jsonl").removesuffix(".summary.json")
+            res = load_result(p.parent, name)
+            if res is None:
+                raise LRSError(f"--pilot: no eval result {p.parent / name}.jsonl (+ .summary.json)")
+            runs.append(res)
+        cmp = compare(*runs)
+        d = (cmp["fixed"] + cmp["broken"]) / cmp["n"]
+        print(f"pilot: {cmp['n']} shared problems, {cmp['fixed']} fixed / {cmp['broken']} broken "
+              f"(B - A {100 * cmp['delta']:+.1f} points): discordance {d:.1%}")  # fmt: skip
+        if d == 0:
+            raise LRSError("the pilot runs agree on every problem: no discordance to plan with")
+    if not 0 < d <= 1:
+        raise LRSError(f"--discordance must be in (0, 1], got {d}")
+    at = f"with {args.power:.0%} power at alpha = {args.alpha:g}, discordance {d:.1%}"
+    if args.n is not None:
+        if args.n <= 0:
+            raise LRSError(f"--n must be positive, got {args.n}")
+        mde = mcnemar_mde(args.n, d, args.alpha, args.power)
+        print(f"n = {args.n}: the exact McNemar test detects a net change of "
+              + ("no size (too few discordant problems)" if mde != mde else f"{100 * mde:.1f} points") + f" {at}")  # fmt: skip
+    if args.effect is not None:
+        n = mcnemar_n_needed(args.effect, d, args.alpha, args.power)
+        print(f"a net change of {100 * args.effect:.1f} points needs n = {n} problems {at}")
+
+
 def cmd_report(args) -> None:
     from lrs.report import load_tokenizer, write_report
 
@@ -346,6 +415,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "report": cmd_report,
     "best-of-n": cmd_best_of_n,
+    "power": cmd_power,
 }
 
 

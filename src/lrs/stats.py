@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from scipy.stats import beta, binomtest, norm, rankdata
@@ -227,6 +228,12 @@ def grouped_auroc_ci(
     return (float(lo), float(hi))
 
 
+@lru_cache(maxsize=4096)
+def _mcnemar_reject(m: int, alpha: float) -> np.ndarray:
+    """Fix counts k of ``m`` discordant pairs at which the exact two-sided McNemar test rejects at ``alpha``."""
+    return np.array([binomtest(int(k), m, 0.5).pvalue <= alpha for k in range(m + 1)])
+
+
 def mcnemar_power(n_discordant: int, share_fixed: float, alpha: float = 0.05) -> float:
     """Power of the exact two-sided McNemar test with ``n_discordant`` discordant pairs when a discordant pair
     is a fix with probability ``share_fixed`` (computed exactly over the binomial outcomes)."""
@@ -235,9 +242,7 @@ def mcnemar_power(n_discordant: int, share_fixed: float, alpha: float = 0.05) ->
     m = int(n_discordant)
     if m <= 0:
         return 0.0
-    ks = np.arange(m + 1)
-    reject = np.array([binomtest(int(k), m, 0.5).pvalue <= alpha for k in ks])
-    return float(binom.pmf(ks, m, share_fixed)[reject].sum())
+    return float(binom.pmf(np.arange(m + 1), m, share_fixed)[_mcnemar_reject(m, float(alpha))].sum())
 
 
 def mcnemar_mde(n: int, discordant_rate: float, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -251,3 +256,34 @@ def mcnemar_mde(n: int, discordant_rate: float, alpha: float = 0.05, power: floa
         if mcnemar_power(m, float(q), alpha) >= power:
             return float((2 * q - 1) * m / n)
     return math.nan
+
+
+def mcnemar_n_needed(
+    effect: float, discordant_rate: float, alpha: float = 0.05, power: float = 0.8, n_max: int = 1_000_000
+) -> int:
+    """Number of problems at which :func:`mcnemar_mde` at ``discordant_rate`` falls to ``effect`` (a net
+    accuracy change, e.g. 0.03 for 3 points): bisection, then a step down to the start of that run of n. The
+    exact test is discrete, so above the returned n the MDE still wobbles by about 0.1 points around ``effect``,
+    and a few isolated smaller n reach it by luck of rounding (not a safe plan). Raises when even ``n_max``
+    problems do not suffice, and when the effect exceeds the discordance (a net change cannot be larger than
+    the share of problems that change)."""
+    if not 0 < effect <= discordant_rate <= 1:
+        raise LRSError(
+            f"need 0 < effect <= discordant rate <= 1, got effect {effect}, discordant rate {discordant_rate}"
+        )
+
+    def ok(n: int) -> bool:
+        mde = mcnemar_mde(n, discordant_rate, alpha, power)
+        return not math.isnan(mde) and mde <= effect
+
+    lo, hi = 1, 16
+    while not ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > n_max:
+            raise LRSError(f"an effect of {effect:.1%} needs more than {n_max} problems at this discordance")
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    while hi > 1 and ok(hi - 1):
+        hi -= 1
+    return hi
