@@ -125,6 +125,14 @@ def test_a_changed_encoder_never_reuses_a_cached_eval_or_tune_result(run, tmp_pa
     rm = load_reward_model(tmp_path / "run2" / "reward.safetensors")
     q = reward_quantile(rm, t["best"]["lrs"]["tau_r_quantile"])
     assert s["steering"]["config"]["tau_r"] == float(q) != s["key_parts"]["steerer"]["config"]["tau_r"]
+    # a tuned setting that lost to base on dev is still evaluated (the comparison needs it), with a warning
+    tf = next((tmp_path / "run2" / "tune").glob("*/tune.json"))
+    t["beats_base_on_dev"] = {"lrs": False}
+    tf.write_text(json.dumps(t))
+    capsys.readouterr()
+    assert main([*quantile_ev, "--tuned"]) == 0
+    err = capsys.readouterr().err
+    assert "lrs's tuned setting did not beat base on dev" in err and err.count("warning") == 1
 
 
 def test_tuned_without_a_tune_for_these_artefacts_is_one_line(run, tmp_path, capsys):

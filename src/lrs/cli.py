@@ -300,6 +300,9 @@ def cmd_tune(args) -> None:
         model, tok, dev, rd, tcfg.grid, gc, so, methods=tcfg.method_list(), inherit=tcfg.inherit_map()
     )
     print(f"chosen on dev (n={res['n']}): {res['best']}")
+    losers = [m for m, b in res["beats_base_on_dev"].items() if b is False]
+    if losers:
+        print(f"did not beat base on dev ({res['base_accuracy']:.1%}): {', '.join(losers)}")
     print(f"saved: {rd.tune_file(res['artefact_key'])}")
 
 

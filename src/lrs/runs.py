@@ -132,6 +132,15 @@ class RunDir:
     def tune_file(self, artefact_key: str) -> Path:
         return self.tune_dir(artefact_key) / "tune.json"
 
+    def tuned_beats_base(self, artefact_key: str) -> dict:
+        """``beats_base_on_dev`` of the tuning result (method -> True/False, None without a base run); {} if
+        absent or unreadable (:meth:`load_tuned` reports those)."""
+        try:
+            got = json.loads(self.tune_file(artefact_key).read_text()).get("beats_base_on_dev")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return got if isinstance(got, dict) else {}
+
     def load_tuned(self, artefact_key: str) -> dict:
         """The settings ``lrs tune`` chose for these artefacts, or a one-line error saying how to get them."""
         path = self.tune_file(artefact_key)

@@ -470,6 +470,12 @@ def run_eval(
             raise LRSError(
                 f"--tuned: the tuning result for these artefacts has no choice for '{ev.method}'; run `lrs tune`"
             )
+        if rd.tuned_beats_base(artefact_key(rd, so)).get(ev.method) is False and share().main:
+            print(
+                f"lrs: warning: {ev.method}'s tuned setting did not beat base on dev; evaluating it anyway "
+                "(a comparison needs it), but expect no gain",
+                file=sys.stderr,
+            )
     log = None
     if ev.log_tokens or ev.shadow:
         from dataclasses import replace
