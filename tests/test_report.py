@@ -297,6 +297,15 @@ def test_cli_report_flags(tmp_path, capsys):
     assert main([*argv, "--methods", "base,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(argv) == 0 and (tmp_path / "run" / "report.html").exists()  # default: the run directory
+    # results written with `lrs eval --out DIR` elsewhere: --results points at them
+    import shutil
+
+    shutil.move(tmp_path / "run" / "eval" / "toy" / "test", tmp_path / "elsewhere")
+    assert main(["report", "--results", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "r2")]) == 0
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert {r["method"] for r in summary["headline"]} == {"base", "lrs", "random"}
+    assert main(["report", "--results", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder of eval results" in capsys.readouterr().err
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):

@@ -146,7 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated methods in report order, e.g. base,lrs,random,diffmean "
         "(default: every method with a result)",
     )
-    r.add_argument("--out", default=None, help="report folder (default: the run directory)")
+    r.add_argument(
+        "--results",
+        default=None,
+        help="folder of eval results, e.g. an `lrs eval --out DIR` (default <run>/eval/<task>/<split>)",
+    )
+    r.add_argument(
+        "--out",
+        default=None,
+        help="report folder (default: the --results folder if given, else the run directory)",
+    )
     r.add_argument(
         "--latents",
         default=None,
@@ -391,10 +400,13 @@ def cmd_report(args) -> None:
     from lrs.report import load_tokenizer, write_report
 
     rd = _rd(args)
-    out = check_dir_target(Path(args.out) if args.out else rd.root, "--out")
+    results = Path(args.results) if args.results else rd.eval_dir(args.task, args.split)
+    if args.results and not results.is_dir():
+        raise LRSError(f"--results {results}: not a folder of eval results")
+    out = check_dir_target(Path(args.out) if args.out else (results if args.results else rd.root), "--out")
     decode = load_tokenizer(args.tokenizer) if args.tokenizer else None
     path = write_report(
-        rd.eval_dir(args.task, args.split),
+        results,
         out,
         methods=args.methods,
         latents=args.latents,
