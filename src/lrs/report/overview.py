@@ -163,7 +163,7 @@ def headline_section(ctx: Context) -> list:
         Heading(2, TITLES["headline"], "headline"),
         Raw(_glance(rows, vc)),
         Para(
-            f"n = {n} {split} problems, greedy decoding. A 95% CI is about ±{width / 2:.0%} wide at this n, so "
+            f"n = {n} {split} problems, greedy decoding. A 95% CI is about ±{100 * width / 2:.0f} points wide at this n, so "
             "differences smaller than that are not evidence. Steering settings were chosen on the dev split only."
         ),
         Table(
