@@ -11,12 +11,14 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_model
 
+from lrs.artifacts import load_artifact
 from lrs.errors import LRSError
 from lrs.generation import generate
 from lrs.models import decoder_layers
@@ -40,6 +42,7 @@ from lrs.trainers import (
     train,
     verifier_rewards,
 )
+from lrs.trainers.checkpoint import CKPT_FORMAT
 
 PROBLEMS = [Problem(f"toy/{i}", "toy", f"q{i}", str(i)) for i in range(24)]
 TIMING = ("t_generate", "t_reward", "t_fwd_bwd", "t_step", "gen_tok_s", "fwd_tok_s")
@@ -339,6 +342,37 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tokenizer):
     assert all(torch.equal(res.vectors.vectors[L], ref.vectors.vectors[L]) for L in ref.vectors.vectors)
     assert strip(res.log) == strip(ref.log)
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_a_run_stopped_early_can_be_finished_short_then_extended_to_the_same_result(tmp_path, tokenizer):
+    """Stop at a checkpoint, finish there with fewer --steps (artefact = that checkpoint), later resume with
+    more steps: the result equals an uninterrupted run (the warm-up is 1 step at both lengths)."""
+    cfg = TrainConfig(prompts_per_step=2, k=3, steps=6, lr=0.05, max_new_tokens=6, checkpoint_every=2)
+    reward = lambda p, gens: [float(sum(t % 2 for t in g.token_ids)) for g in gens]  # noqa: E731
+    ref = train(peaked_model(), tokenizer, PROBLEMS, cfg, tmp_path / "ref", reward_fn=reward, progress=False)
+
+    def stop(rec):
+        if rec["step"] == 5:
+            raise Interrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(peaked_model(), tokenizer, PROBLEMS, cfg, run, reward_fn=reward, on_step=stop, progress=False)
+    short = train(peaked_model(), tokenizer, PROBLEMS, replace(cfg, steps=4), run, reward_fn=reward,
+                  progress=False)  # fmt: skip
+    assert len(short.log) == 4 and short.steps == 4
+    ckpt = load_artifact(
+        run / "checkpoints" / "step-000004.safetensors", format=CKPT_FORMAT, what="checkpoint"
+    )
+    saved = ckpt[0]["param.vectors"]  # [layers, d], layers in order
+    assert torch.equal(torch.stack([short.vectors.vectors[L] for L in sorted(short.vectors.vectors)]), saved)
+    with pytest.raises(LRSError, match="checkpoint at step 4, beyond --steps 3"):
+        train(
+            peaked_model(), tokenizer, PROBLEMS, replace(cfg, steps=3), run, reward_fn=reward, progress=False
+        )
+    full = train(peaked_model(), tokenizer, PROBLEMS, cfg, run, reward_fn=reward, progress=False)
+    assert all(torch.equal(full.vectors.vectors[L], ref.vectors.vectors[L]) for L in ref.vectors.vectors)
+    assert strip(full.log) == strip(ref.log)
 
 
 def test_resume_refuses_other_settings(tmp_path, tokenizer):

@@ -55,6 +55,11 @@ def load_checkpoint(out: Path, named, opt, cfg: TrainConfig, model) -> int:
     except (ValueError, KeyError, TypeError):
         raise LRSError(f"{latest}: not a checkpoint pointer; delete {_ckpt_dir(out)} to start over") from None
     tensors, meta = load_artifact(_ckpt_dir(out) / name, format=CKPT_FORMAT, what="training checkpoint")
+    if int(meta["config"]["step"]) > cfg.steps:
+        raise LRSError(
+            f"{out} holds a checkpoint at step {meta['config']['step']}, beyond --steps {cfg.steps}: "
+            "give at least that many steps, or use another directory"
+        )
     saved, now = meta["config"]["train"], asdict(cfg)
     diff = sorted(k for k in now if k not in RESUMABLE and saved.get(k) != now[k])
     if diff:
