@@ -20,7 +20,7 @@ from conftest import make_model
 
 from lrs.artifacts import load_artifact
 from lrs.errors import LRSError
-from lrs.generation import generate
+from lrs.generation import Generation, generate
 from lrs.models import decoder_layers
 from lrs.steering.vectors import SteeringVectors
 from lrs.tasks import Problem, build_prompts
@@ -28,6 +28,8 @@ from lrs.trainers import (
     BiasVectors,
     TrainConfig,
     advantages,
+    answer_stops,
+    answer_text,
     k3,
     latro_loss,
     latro_rewards,
@@ -125,12 +127,37 @@ def test_verifier_reward_reads_only_the_last_box():
 def test_split_rationale_stops_at_end_token_or_answer_template(tokenizer):
     tok, eos = tokenizer, tokenizer.eos_token_id
     ids = tok("abc. The answer is 5.", add_special_tokens=False)["input_ids"]
-    z, fin = split_rationale(tok, ids + [eos], {eos}, ["The answer is", "\\boxed"])
-    assert tok.decode(z) == "abc. " and fin
-    z, fin = split_rationale(tok, ids[:4] + [eos, 65, 66], {eos}, ["The answer is"])
-    assert z == ids[:4] and fin
-    z, fin = split_rationale(tok, ids[:6], {eos}, ["The answer is"])
-    assert z == ids[:6] and not fin
+    z, fin, left = split_rationale(tok, ids + [eos], {eos}, ["The answer is", "\\boxed"])
+    assert tok.decode(z) + left == "abc. " and fin
+    z, fin, left = split_rationale(tok, ids[:4] + [eos, 65, 66], {eos}, ["The answer is"])
+    assert z == ids[:4] and fin and left == ""
+    z, fin, left = split_rationale(tok, ids[:6], {eos}, ["The answer is"])
+    assert z == ids[:6] and not fin and left == ""
+    # a stop inside a token: z ends before that token and the token's text before the stop is handed to y
+    for text in ("so it is $\\boxed{5}$.", "x=5 \\boxed{5}", "ab\\boxed{5}"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        z, fin, left = split_rationale(tok, ids, {eos}, answer_stops("\\boxed{{gold}}"))
+        assert fin and tok.decode(z) + left == text[: text.index("\\boxed")]
+        assert answer_text("\\boxed{{gold}}", "5") == "\\boxed{5}"
+
+
+def test_latro_rollout_answer_is_the_boxed_gold_where_the_model_would_write_it(tokenizer):
+    """y = the cut token's leftover + the template, no end token by default; with --answer-end, + the end token."""
+    from lrs.trainers.rl import _Trainer
+
+    tok = tokenizer
+    cfg = TrainConfig(objective="latro", prompts_per_step=2, k=2, max_new_tokens=16)
+    tr = _Trainer(make_model(), tok, PROBLEMS, cfg, Path("."), None)
+    try:
+        text = "so it is $\\boxed{7}$."
+        gen = Generation(text=text, token_ids=tok(text, add_special_tokens=False)["input_ids"], finished=True)
+        (r,) = tr.rollouts([3], [gen])
+        assert tok.decode(r.completion + r.answer) == "so it is $\\boxed{3}" and r.finished
+        tr.cfg = replace(cfg, answer_end=True)
+        (r,) = tr.rollouts([3], [gen])
+        assert r.answer[-1] == tr.end
+    finally:
+        tr.params.close()
 
 
 def test_step_problems_are_a_pure_function_of_seed_and_step():

@@ -24,6 +24,8 @@ from lrs.trainers.objectives import (
 from lrs.trainers.params import BiasVectors, LoraAdapters, make_params
 from lrs.trainers.rl import (
     TrainResult,
+    answer_stops,
+    answer_text,
     split_rationale,
     step_problems,
     token_logprobs,
@@ -45,6 +47,8 @@ __all__ = [
     "verifier_rewards",
     "token_logprobs",
     "split_rationale",
+    "answer_text",
+    "answer_stops",
     "step_problems",
     "read_log",
     "save_checkpoint",

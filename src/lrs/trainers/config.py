@@ -52,7 +52,12 @@ class TrainConfig:
     answer_weight: float = opt(
         1.0, "latro: weight of the answer-likelihood term (paper 1; 0 = released script)"
     )
-    answer_template: str = opt("The answer is {gold}.", "latro: the answer y appended to a rationale")
+    answer_template: str = opt(
+        "\\boxed{{gold}}",
+        "latro: the answer y after a rationale, {gold} = the gold answer; the default is the format lrs prompts "
+        "ask for (the paper: 'The answer is {gold}.' with --answer-end)",
+    )
+    answer_end: bool = opt(False, "latro: end y with the end-of-turn token (the paper's template does)")
     prompt_style: str = opt("base", "prompt style of lrs.tasks.build_prompts", choices=("base", "cot"))
     lora_rank: int = opt(8, "lora: rank r (alpha = r, dropout 0, all linear layers of the chosen blocks)")
     grad_clip: float = opt(2.0, "clip the gradient norm of the trained parameters (0 = off)")

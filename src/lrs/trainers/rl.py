@@ -130,18 +130,20 @@ def token_logprobs(
 
 def split_rationale(
     tok, ids: list[int], stop_ids: set[int], stop_strings: Sequence[str]
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], bool, str]:
     """LaTRO's rationale z: the sampled tokens before the first end token or stop string (both excluded).
 
-    Returns (z, finished). The stop string is found in the decoded text; z keeps the tokens before the one
-    holding its first character (found by bisection on prefix decodes).
+    Returns (z, finished, leftover). The stop string is found in the decoded text; z keeps the tokens before
+    the one holding its first character (found by bisection on prefix decodes), and ``leftover`` is the text
+    of that token before the stop (``"$"`` when one token holds ``$\\``): the answer y starts with it, so the
+    reward scores the answer where the model would have written it, not a join that drops a space or a ``$``.
     """
     end = next((i for i, t in enumerate(ids) if t in stop_ids), None)
     body = ids if end is None else ids[:end]
     text = tok.decode(body)
     hits = [text.find(s) for s in stop_strings if s and s in text]
     if not hits:
-        return body, end is not None
+        return body, end is not None, ""
     c, lo, hi = min(hits), 0, len(body)
     while lo < hi:  # smallest m whose prefix decodes past character c
         mid = (lo + hi) // 2
@@ -149,7 +151,21 @@ def split_rationale(
             hi = mid
         else:
             lo = mid + 1
-    return body[: max(lo - 1, 0)], True
+    z = body[: max(lo - 1, 0)]
+    return z, True, text[len(tok.decode(z)) : c]
+
+
+def answer_text(template: str, gold: str) -> str:
+    """LaTRO's y for ``gold``: ``{gold}`` in ``template`` replaced (no other brace handling, so
+    ``\\boxed{{gold}}`` gives ``\\boxed{18}``)."""
+    return template.replace("{gold}", gold)
+
+
+def answer_stops(template: str) -> list[str]:
+    """Where a sampled rationale is cut: the template's text before ``{gold}`` and ``\\boxed`` (the answer
+    format every lrs prompt asks for), in that order, without duplicates or empty strings."""
+    prefix = template.split("{gold}")[0].strip()
+    return list(dict.fromkeys(s for s in (prefix, "\\boxed") if s))
 
 
 # ---------------------------------------------------------------- the loop
@@ -170,8 +186,7 @@ class _Trainer:
         self.end = tok.eos_token_id if tok.eos_token_id is not None else self.stop[0]
         self.prompts = build_prompts(tok, problems, style=cfg.prompt_style)
         self.prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
-        prefix = cfg.answer_template.format(gold="\0").split("\0")[0].strip()
-        self.stop_strings = [s for s in (prefix, "\\boxed") if s]
+        self.stop_strings = answer_stops(cfg.answer_template)
 
     def lr_at(self, step: int) -> float:
         warm = max(1, math.ceil(self.cfg.warmup * self.cfg.steps))
@@ -183,11 +198,12 @@ class _Trainer:
             p = self.problems[idx[n // K]]
             prompt = self.prompt_ids[idx[n // K]]
             if self.cfg.objective == "latro":
-                z, fin = split_rationale(self.tok, g.token_ids, set(self.stop), self.stop_strings)
-                y = self.tok(self.cfg.answer_template.format(gold=p.answer), add_special_tokens=False)[
-                    "input_ids"
-                ]
-                out.append(Rollout(n // K, prompt, z, y + [self.end], fin, g.n_tokens))
+                z, fin, leftover = split_rationale(self.tok, g.token_ids, set(self.stop), self.stop_strings)
+                y = self.tok(
+                    leftover + answer_text(self.cfg.answer_template, p.answer), add_special_tokens=False
+                )
+                end = [self.end] if self.cfg.answer_end else []
+                out.append(Rollout(n // K, prompt, z, y["input_ids"] + end, fin, g.n_tokens))
             else:
                 out.append(Rollout(n // K, prompt, list(g.token_ids), [], g.finished, g.n_tokens))
         return out
