@@ -161,9 +161,9 @@ def test_wordy_answers_ending_in_a_number_grade_fast(output, gold, pred):
     assert time.perf_counter() - t < 1.0
     assert g.correct is False and not g.timed_out
     assert g.pred == pred
-    t = time.perf_counter()
+    t = time.process_time()
     assert to_number(pred) is None
-    assert time.perf_counter() - t < 0.1
+    assert time.process_time() - t < 0.1
 
 
 @pytest.mark.parametrize(
@@ -183,14 +183,14 @@ def test_wordy_answers_ending_in_a_number_grade_fast(output, gold, pred):
 )
 def test_adversarial_text_is_handled_in_linear_time(text):
     assert len(text) >= 17_000
-    t = time.perf_counter()
+    t = time.process_time()
     extract_answer(text)
     extract_answer(text, last_number=True)
-    assert time.perf_counter() - t < 1.0
-    t = time.perf_counter()
+    assert time.process_time() - t < 1.0
+    t = time.process_time()
     assert to_number(text) is None
     last_boxed(text)
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
 
 
 def test_unit_words_are_stripped_exactly_as_before():
@@ -370,14 +370,14 @@ def _hard_limit(seconds: float):
 
 
 def _timed(fn, arg):
-    """(fn(arg), seconds); a slow call is re-timed up to twice and the fastest run counts, so a scheduler or
-    GC hiccup on a busy machine does not fail the test while a super-linear parse (slow every time) still does."""
+    """(fn(arg), CPU seconds of this process); a slow call is re-timed up to twice and the fastest run counts, so a
+    GC hiccup does not fail the test while a super-linear parse (slow every time) still does."""
     best = math.inf
     for _ in range(3):
         with _hard_limit(2.0):
-            t = time.perf_counter()
+            t = time.process_time()
             res = fn(arg)
-            best = min(best, time.perf_counter() - t)
+            best = min(best, time.process_time() - t)
         if best < _PER_CALL_LIMIT:
             break
     return res, best
@@ -394,7 +394,9 @@ def test_fuzzed_outputs_parse_fast_in_the_caller():
     slowest = (0.0, "", "")
     gc.disable()  # collections triggered by the loop's garbage are not the parser's time
     try:
-        start = time.perf_counter()
+        start = (
+            time.process_time()
+        )  # CPU time of the caller: a busy machine does not count, a slow parse does
         for i in range(3000):
             # mostly a few kB; every 10th string runs past MAX_SCAN_CHARS, long enough to expose quadratic scans
             s = _fuzz_text(rng, 4000) if i % 10 else _fuzz_text(rng, 24_000, tail_p=0.5)
@@ -420,7 +422,7 @@ def test_fuzzed_outputs_parse_fast_in_the_caller():
             boxed = last_boxed(s[-MAX_SCAN_CHARS:])
             if boxed is not None:  # a complete box in the part read always wins
                 assert results[extract_answer, s] == boxed
-        total = time.perf_counter() - start
+        total = time.process_time() - start
     finally:
         gc.enable()
     dt, name, arg = slowest
