@@ -357,6 +357,8 @@ def cmd_best_of_n(args) -> None:
 
 
 def cmd_power(args) -> None:
+    import math
+
     from lrs.stats import mcnemar_mde, mcnemar_n_needed
 
     if (args.discordance is None) == (args.pilot is None):
@@ -389,8 +391,8 @@ def cmd_power(args) -> None:
         if args.n <= 0:
             raise LRSError(f"--n must be positive, got {args.n}")
         mde = mcnemar_mde(args.n, d, args.alpha, args.power)
-        print(f"n = {args.n}: the exact McNemar test detects a net change of "
-              + ("no size (too few discordant problems)" if mde != mde else f"{100 * mde:.1f} points") + f" {at}")  # fmt: skip
+        size = "no size (too few discordant problems)" if math.isnan(mde) else f"{100 * mde:.1f} points"
+        print(f"n = {args.n}: the exact McNemar test detects a net change of {size} {at}")
     if args.effect is not None:
         n = mcnemar_n_needed(args.effect, d, args.alpha, args.power)
         print(f"a net change of {100 * args.effect:.1f} points needs n = {n} problems {at}")
