@@ -495,3 +495,23 @@ def test_training_curves_draw_the_moving_mean_and_say_when_kl_is_off(tmp_path, m
         [sum(-1 + s / 10 for s in range(i - 9, i + 1)) / 10 for i in (10, 11, 12)]
     )
     assert any("not measured" in a[2] for a in texts)  # the KL panel of a run without KL
+
+
+def test_resume_check_ignores_settings_that_do_not_matter_to_the_run():
+    """A verifier run saved by an older lrs (no answer_end, the old LaTRO template) still resumes; a LaTRO run
+    whose answer template changed does not; a setting missing from the checkpoint counts as its default."""
+    from dataclasses import asdict
+
+    from lrs.trainers.checkpoint import _changed
+
+    old = asdict(TrainConfig())
+    old.pop("answer_end")
+    old["answer_template"] = "The answer is {gold}."
+    assert _changed(old, TrainConfig(steps=80)) == []  # verifier: LaTRO settings and steps do not matter
+    latro = dict(old, objective="latro")
+    assert _changed(latro, TrainConfig(objective="latro")) == ["answer_template"]
+    assert (
+        _changed(dict(latro, answer_template=TrainConfig().answer_template), TrainConfig(objective="latro"))
+        == []
+    )
+    assert _changed(old, TrainConfig(lora_rank=16)) == [] and _changed(old, TrainConfig(lr=0.5)) == ["lr"]

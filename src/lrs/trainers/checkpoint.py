@@ -8,7 +8,7 @@ pointer to a complete checkpoint. The step is also the data cursor (problem orde
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +20,21 @@ from lrs.trainers.config import TrainConfig
 
 CKPT_FORMAT = "lrs.rl-checkpoint/1"
 RESUMABLE = ("steps", "out", "checkpoint_every")  # settings a resumed run may change
+LATRO_ONLY = ("latro_beta", "latro_gamma", "answer_weight", "answer_template", "answer_end")
+
+
+def _changed(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Settings that differ between a checkpoint and ``cfg`` and matter to the run: a setting the saved
+    config lacks (added by a later lrs) counts as its default, and LaTRO's settings do not matter to a
+    verifier run nor the LoRA rank to a bias run, so a run started by an older lrs still resumes."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    now = asdict(cfg)
+    ignore = set(RESUMABLE)
+    if cfg.objective != "latro":
+        ignore.update(LATRO_ONLY)
+    if cfg.param != "lora":
+        ignore.add("lora_rank")
+    return sorted(k for k in now if k not in ignore and saved.get(k, defaults.get(k)) != now[k])
 
 
 def _ckpt_dir(out: Path) -> Path:
@@ -61,7 +76,7 @@ def load_checkpoint(out: Path, named, opt, cfg: TrainConfig, model) -> int:
             "give at least that many steps, or use another directory"
         )
     saved, now = meta["config"]["train"], asdict(cfg)
-    diff = sorted(k for k in now if k not in RESUMABLE and saved.get(k) != now[k])
+    diff = _changed(saved, cfg)
     if diff:
         what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in diff)
         raise LRSError(f"{out} holds a run with other settings ({what}): use another directory")
