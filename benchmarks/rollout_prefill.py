@@ -4,7 +4,8 @@ Value labels (`lrs collect --rollouts M --rollout-every N`) re-encode prompt + p
 Reusing the KV cache of the trace would skip those prefill forwards and nothing else: the decode steps stay.
 This script generates greedy traces for dev prompts, then labels them with `rollout_values` exactly as
 collection does, timing every model forward; forwards over more than one new position are the prefills.
-It prints the rollout time, the prefill time and their ratio (the upper bound of the saving).
+It prints the rollout time, the prefill time and their ratio (the upper bound of the saving), and the
+rollout time against plain generation of the same traces (what value labels cost over a plain collection).
 
     python benchmarks/rollout_prefill.py                 # 16 problems, 192 tokens, M = 4, every 64
     python benchmarks/rollout_prefill.py --n 8 --m 2 --every 32
@@ -27,10 +28,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=64, help="prefix spacing in tokens")
     args = ap.parse_args()
     model, tok, problems, prompts = setup(args)
-    gens = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    progress=False)  # fmt: skip
+    gens, gen_secs = timed(lambda: generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                            batch_size=args.batch_size, progress=False))  # fmt: skip
+    gen_tokens = sum(g.n_tokens for g in gens)
     prefill = {"s": 0.0, "calls": 0, "positions": 0}
-    decode = {"s": 0.0, "calls": 0}
+    decode = {"s": 0.0, "calls": 0, "slots": 0}
     forward = model.forward
 
     def timed_forward(*a, **k):
@@ -45,6 +47,7 @@ def main() -> None:
         else:
             decode["s"] += dt
             decode["calls"] += 1
+            decode["slots"] += 0 if ids is None else ids.shape[0]
         return out
 
     model.forward = timed_forward
@@ -64,6 +67,9 @@ def main() -> None:
           f"({prefill['calls']} calls, {prefill['positions']} positions), decode {decode['s']:.1f} s "
           f"({decode['calls']} calls)")  # fmt: skip
     print(f"prefill / rollout time = {prefill['s'] / secs:.3f}: the most a reused KV cache could save")
+    print(f"plain generation of the same traces: {gen_secs:.1f} s, {gen_tokens / gen_secs:.1f} tok/s; rollouts "
+          f"{decode['slots'] / secs:.1f} decoded token slots/s; value labelling / plain collection time = "
+          f"{secs / gen_secs:.2f}x ({secs / max(n_prefixes, 1):.2f} s per labelled prefix)")  # fmt: skip
 
 
 if __name__ == "__main__":
