@@ -515,3 +515,23 @@ def test_resume_check_ignores_settings_that_do_not_matter_to_the_run():
         == []
     )
     assert _changed(old, TrainConfig(lora_rank=16)) == [] and _changed(old, TrainConfig(lr=0.5)) == ["lr"]
+
+
+def test_latro_logs_the_pass_rate_of_the_sampled_answers(tmp_path, tokenizer, monkeypatch):
+    """The reward is self-likelihood; the log still carries the checker's pass rate on the sampled texts
+    (which run on past the cut to the model's own answer), computed on exactly the step's samples."""
+    import lrs.trainers.rl as rl
+
+    seen: list[list[str]] = []
+
+    def fake(texts, golds):
+        seen.append(list(texts))
+        ok = [len(t) % 2 == 0 for t in texts]
+        return [1.0 if c else -1.0 for c in ok], ok
+
+    monkeypatch.setattr(rl, "verifier_rewards", fake)
+    cfg = TrainConfig(objective="latro", prompts_per_step=2, k=3, steps=2, lr=0.05, max_new_tokens=8)
+    res = train(peaked_model(), tokenizer, PROBLEMS, cfg, tmp_path, progress=False)
+    assert len(seen) == 2 and all(len(t) == 6 for t in seen)
+    for rec, texts in zip(res.log, seen, strict=True):
+        assert rec["pass_rate"] == sum(len(t) % 2 == 0 for t in texts) / 6

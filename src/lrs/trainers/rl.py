@@ -236,7 +236,12 @@ class _Trainer:
             lpz, lpy = self.sums(rolls)
             ref = self.sums(rolls, reference=True)[0] if cfg.latro_beta > 0 else lpz
             fin = torch.tensor([r.finished for r in rolls])
-            rec.update(logp_y=float(lpy.mean()), logp_z=float(lpz.mean()), pass_rate=None)
+            # not a training signal: the sampled text runs on past the cut to the model's own \boxed{} answer,
+            # so its pass rate is a free accuracy curve for a self-rewarded run
+            _, correct = verifier_rewards([g.text for g in gens], [self.problems[i].answer for i in rows])
+            rec.update(
+                logp_y=float(lpy.mean()), logp_z=float(lpz.mean()), pass_rate=sum(correct) / len(correct)
+            )
             if cfg.latro_beta > 0:
                 rec["kl"] = float((lpz - ref).mean())
             return latro_rewards(lpy, lpz, ref, fin, cfg.latro_gamma, cfg.latro_beta)
