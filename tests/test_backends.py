@@ -196,8 +196,12 @@ class FakeLLM:
     def __init__(self, model: str, dtype: str, seed: int, **kw):
         from transformers import AutoModelForCausalLM
 
+        from lrs.models import _dtype_kwarg  # `dtype` from transformers 4.56 on, `torch_dtype` before
+
         self.kwargs = dict(model=model, dtype=dtype, seed=seed, **kw)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, **{_dtype_kwarg(): getattr(torch, dtype)}
+        ).eval()
         self.calls: list[tuple[list, list]] = []
         FakeLLM.instances.append(self)
 
