@@ -226,6 +226,12 @@ class _Trainer:
         zmask = torch.arange(lp.shape[1], device=lp.device)[None, :] < n_c[:, None]
         return lp, zmask.float(), (valid & ~zmask).float()
 
+    def checked(self, rows: list[int], gens: list[Generation], rec: dict) -> list[float]:
+        """The checker's ±1 per sample (last ``\\boxed{}`` against the gold answer); logs the pass rate."""
+        vals, correct = verifier_rewards([g.text for g in gens], [self.problems[i].answer for i in rows])
+        rec["pass_rate"] = sum(correct) / len(correct)
+        return vals
+
     def rewards(
         self, rows: list[int], gens: list[Generation], rolls: list[Rollout], rec: dict
     ) -> torch.Tensor:
@@ -238,10 +244,8 @@ class _Trainer:
             fin = torch.tensor([r.finished for r in rolls])
             # not a training signal: the sampled text runs on past the cut to the model's own \boxed{} answer,
             # so its pass rate is a free accuracy curve for a self-rewarded run
-            _, correct = verifier_rewards([g.text for g in gens], [self.problems[i].answer for i in rows])
-            rec.update(
-                logp_y=float(lpy.mean()), logp_z=float(lpz.mean()), pass_rate=sum(correct) / len(correct)
-            )
+            self.checked(rows, gens, rec)
+            rec.update(logp_y=float(lpy.mean()), logp_z=float(lpz.mean()))
             if cfg.latro_beta > 0:
                 rec["kl"] = float((lpz - ref).mean())
             return latro_rewards(lpy, lpz, ref, fin, cfg.latro_gamma, cfg.latro_beta)
@@ -249,9 +253,7 @@ class _Trainer:
             rewards = torch.tensor([float(r) for r in self.reward_fn([self.problems[i] for i in rows], gens)])
             rec["pass_rate"] = None
         else:
-            vals, correct = verifier_rewards([g.text for g in gens], [self.problems[i].answer for i in rows])
-            rewards = torch.tensor(vals)
-            rec["pass_rate"] = sum(correct) / len(correct)
+            rewards = torch.tensor(self.checked(rows, gens, rec))
         rec["reward_raw"] = float(rewards.mean())
         if cfg.kl_coef > 0 and cfg.kl_mode == "reward":
             lpc, ref = self.sums(rolls)[0], self.sums(rolls, reference=True)[0]
