@@ -369,16 +369,11 @@ def cmd_power(args) -> None:
         raise LRSError(f"--alpha and --power must be in (0, 1), got {args.alpha}, {args.power}")
     d = args.discordance
     if args.pilot is not None:
-        from lrs.evaluate import compare, load_result
+        from lrs.analysis.rectify import load_records
+        from lrs.evaluate import compare
 
-        runs = []
-        for p in map(Path, args.pilot):
-            name = p.name.removesuffix(".jsonl").removesuffix(".summary.json")
-            res = load_result(p.parent, name)
-            if res is None:
-                raise LRSError(f"--pilot: no eval result {p.parent / name}.jsonl (+ .summary.json)")
-            runs.append(res)
-        cmp = compare(*runs)
+        a, b = ({"records": list(load_records(p, need_tokens=False).values())} for p in args.pilot)
+        cmp = compare(a, b)
         d = (cmp["fixed"] + cmp["broken"]) / cmp["n"]
         print(f"pilot: {cmp['n']} shared problems, {cmp['fixed']} fixed / {cmp['broken']} broken "
               f"(B - A {100 * cmp['delta']:+.1f} points): discordance {d:.1%}")  # fmt: skip

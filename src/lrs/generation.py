@@ -306,9 +306,8 @@ def generate(
         eos_token_id=stop,
         use_cache=True,
     )
-    if (
-        temperature > 0
-    ):  # plain sampling whatever the model's generation_config holds (RL needs on-policy log-probs)
+    # sampling is plain whatever the model's generation_config holds (RL needs on-policy log-probs)
+    if temperature > 0:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)

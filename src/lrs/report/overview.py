@@ -144,7 +144,8 @@ def _glance(rows: list[dict], vc: dict | None) -> str:
         )
     if vc is not None:
         tiles.append(
-            f'<div style="--c:#444">{html.escape(vc["method"])} vs {html.escape(vc["control"])}<b>{vc["net_fixes_method"]:+d} vs {vc["net_fixes_control"]:+d}</b>'
+            f'<div style="--c:#444">{html.escape(vc["method"])} vs {html.escape(vc["control"])}'
+            f"<b>{vc['net_fixes_method']:+d} vs {vc['net_fixes_control']:+d}</b>"
             f"<small>net fixes · McNemar p {vc['mcnemar_p']:.2g}</small></div>"
         )
     return '<div class="glance">' + "".join(tiles) + "</div>"
