@@ -6,9 +6,11 @@ import argparse
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``lrs import-encoder`` (SAELens / sparsify SAEs as lrs encoder artefacts) and ``lrs export-task``
-    (an lrs task as an lm-eval task)."""
+    """Add ``lrs import-encoder`` (SAELens / sparsify SAEs as lrs encoder artefacts), ``lrs export-task``
+    (an lrs task as an lm-eval task) and ``lrs export-vectors`` / ``import-vectors`` (GGUF control vectors
+    for llama.cpp and repeng)."""
     _add_export_task(sub)
+    _add_vector_io(sub)
     from lrs.integrations.saes import cmd_import_encoder
 
     p = sub.add_parser(
@@ -77,3 +79,61 @@ def _cmd_export_task(args) -> None:
     print(
         f"lm-eval task {name}: {yaml} (use --include_path {yaml.parent} --tasks {name} --apply_chat_template)"
     )
+
+
+def _add_vector_io(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-vectors",
+        help="write steering vectors as a GGUF control vector (llama.cpp --control-vector, repeng)",
+        description=(
+            "Write alpha * vectors as a GGUF control vector: direction.L is added to the output of decoder "
+            "block L at every position, in llama.cpp and in repeng. llama.cpp refuses direction.0, so block "
+            "0 is left out unless --keep-block0 (for repeng). Prints what differs from lrs."
+        ),
+    )
+    p.add_argument("--vectors", required=True, help="lrs steering-vector artefact (.safetensors)")
+    p.add_argument("--out", required=True, help="GGUF file to write (.gguf)")
+    p.add_argument(
+        "--model-hint", default=None, help="model type stored in the file (default: the vectors' model)"
+    )
+    p.add_argument(
+        "--keep-block0",
+        action="store_true",
+        help="keep block 0's vector (repeng reads it; llama.cpp refuses)",
+    )
+    p.set_defaults(func=_cmd_export_vectors)
+
+    q = sub.add_parser(
+        "import-vectors",
+        help="read a GGUF control vector (llama.cpp / repeng) as an lrs steering-vector artefact",
+    )
+    q.add_argument("--from", dest="source", required=True, help="GGUF control vector file")
+    q.add_argument("--out", required=True, help="lrs artefact to write (.safetensors), for --method vectors")
+    q.set_defaults(func=_cmd_import_vectors)
+
+
+def _cmd_export_vectors(args) -> None:
+    from lrs.integrations.control_vectors import export_gguf
+    from lrs.steering.vectors import SteeringVectors
+
+    vecs = SteeringVectors.load(args.vectors)
+    notes = export_gguf(vecs, args.out, args.model_hint, for_llama_cpp=not args.keep_block0)
+    kept = [L for L in sorted(vecs.vectors) if L > 0 or args.keep_block0]
+    print(f"wrote {args.out}: {len(kept)} layer(s) {kept[0]}..{kept[-1]}, alpha {vecs.alpha:g} multiplied in")
+    for n in notes:
+        print(f"note: {n}")
+
+
+def _cmd_import_vectors(args) -> None:
+    from pathlib import Path
+
+    from lrs.integrations.control_vectors import import_gguf
+    from lrs.runs import check_file_target
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        out = out.with_name(out.name + ".safetensors")  # the artefact pair is NAME.safetensors + NAME.json
+    check_file_target(out, "--out")
+    vecs = import_gguf(args.source)
+    path = vecs.save(out)
+    print(f"wrote {path}: layers {sorted(vecs.vectors)}, width {vecs.vector.numel()}, every position")
