@@ -113,12 +113,12 @@ def _add_vector_io(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export_vectors(args) -> None:
-    from lrs.integrations.control_vectors import export_gguf
+    from lrs.integrations.control_vectors import export_gguf, gguf_layers
     from lrs.steering.vectors import SteeringVectors
 
     vecs = SteeringVectors.load(args.vectors)
     notes = export_gguf(vecs, args.out, args.model_hint, for_llama_cpp=not args.keep_block0)
-    kept = [L for L in sorted(vecs.vectors) if L > 0 or args.keep_block0]
+    kept = gguf_layers(vecs, for_llama_cpp=not args.keep_block0)
     print(f"wrote {args.out}: {len(kept)} layer(s) {kept[0]}..{kept[-1]}, alpha {vecs.alpha:g} multiplied in")
     for n in notes:
         print(f"note: {n}")

@@ -18,12 +18,12 @@ same model file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lrs.artifacts import atomic_path
 from lrs.errors import LRSError
 from lrs.steering.vectors import SteeringVectors
 
@@ -49,29 +49,30 @@ def export_gguf(
     path = Path(path)
     if path.suffix != ".gguf":
         raise LRSError(f"a GGUF control vector file must end in .gguf, got {path}")
-    if path.is_dir():
-        raise LRSError(f"{path} is a directory, not a file")
     hint = model_hint or str(vectors.provenance.get("model") or "unknown")
-    layers = sorted(L for L in vectors.vectors if L > 0 or not for_llama_cpp)
+    layers = gguf_layers(vectors, for_llama_cpp)
     if not layers:
         raise LRSError(
             "llama.cpp cannot steer block 0, the only layer of these vectors (for_llama_cpp=False "
             "writes it for repeng)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    writer.add_string(f"{ARCH}.model_hint", hint)
-    writer.add_uint32(f"{ARCH}.layer_count", len(layers))
-    for L in layers:
-        v = (vectors.alpha * vectors.vectors[L].float()).cpu().numpy().astype(np.float32)
-        writer.add_tensor(f"direction.{L}", v)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer.add_string(f"{ARCH}.model_hint", hint)
+        writer.add_uint32(f"{ARCH}.layer_count", len(layers))
+        for L in layers:
+            v = (vectors.alpha * vectors.vectors[L].float()).cpu().numpy().astype(np.float32)
+            writer.add_tensor(f"direction.{L}", v)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return export_caveats(vectors, for_llama_cpp)
+
+
+def gguf_layers(vectors: SteeringVectors, for_llama_cpp: bool = True) -> list[int]:
+    """The layers :func:`export_gguf` writes: all of them, but block 0 when the file is for llama.cpp."""
+    return sorted(L for L in vectors.vectors if L > 0 or not for_llama_cpp)
 
 
 def export_caveats(vectors: SteeringVectors, for_llama_cpp: bool = True) -> list[str]:
