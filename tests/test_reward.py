@@ -255,6 +255,16 @@ def test_heldout_set_repeats_the_report_on_other_problems_with_within_problem_pa
     dlo, dhi = h["within"]["reward-confidence"]["64"]["ci"]
     assert dlo <= d <= dhi and d > 0  # the synthetic reward sees the label better than confidence does
     assert f"within-problem reward - confidence [{dlo:+.3f}, {dhi:+.3f}]" in format_report(report)
+    # also at t = 32 (traces are 70-90 tokens long, so t = 128 has no pair and is reported as empty)
+    w32 = h["within"]["reward"]["32"]
+    assert w32["groups"] >= 8 and w32["ci"][0] <= w32["auroc"] <= w32["ci"][1]
+    d32 = h["within"]["reward-confidence"]["32"]["ci"]
+    assert (
+        f"t=32: reward [{w32['ci'][0]:.3f}, {w32['ci'][1]:.3f}], reward - confidence [{d32[0]:+.3f}"
+        in format_report(report)
+    )
+    assert h["within"]["reward"]["128"]["pairs"] == 0 and h["within"]["reward"]["128"]["ci"] is None
+    assert "within@128" in format_report(report)
     assert set(h["auroc"]) == {"reward", "confidence", "prompt", "prompt_conf"}
     assert "held-out AUROC" in format_report(report)
     json.dumps(report, allow_nan=False)

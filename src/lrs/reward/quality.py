@@ -17,6 +17,9 @@ from lrs.reward.model import (
 )
 from lrs.stats import grouped_auroc_ci, within_group_auroc
 
+# within-problem AUROC is reported at these positions (the t = 32/64/128) and after the last token
+WITHIN_KEYS = ("32", "64", "128", "end")
+
 
 # ---- the quality report ----------------------------------------------------------------------------------
 def _probe(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray) -> np.ndarray | None:
@@ -79,7 +82,7 @@ def _quality(rm, xs, y, groups, tr, va, conf, prompt) -> dict:
     for name in ("reward", "confidence"):
         if name in scores:
             report["within"][name] = {}
-            for k in ("64", "end"):
+            for k in WITHIN_KEYS:
                 m = has[k]
                 g = [gi for gi, ok in zip(g_va, m, strict=True) if ok]
                 v, pairs, used = within_group_auroc(scores[name][k][m], y_va[m], g)
@@ -87,7 +90,7 @@ def _quality(rm, xs, y, groups, tr, va, conf, prompt) -> dict:
                 report["within"][name][k] = dict(auroc=v, pairs=pairs, groups=used, ci=ci)
     if "confidence" in scores:  # paired: the same problems resampled for both scores
         report["within"]["reward-confidence"] = {}
-        for k in ("64", "end"):
+        for k in WITHIN_KEYS:
             m = has[k] & ~np.isnan(scores["confidence"][k])
             g = [gi for gi, ok in zip(g_va, m, strict=True) if ok]
             r, c = scores["reward"][k][m], scores["confidence"][k][m]
@@ -190,18 +193,18 @@ def format_report(report: dict) -> str:
 
 def _table(report: dict, title: str) -> list[str]:
     keys = [str(t) for t in report["positions"]] + ["end"]
-    cols = [f"t={k}" if k != "end" else "end" for k in keys] + ["within@64", "within@end"]
+    cols = [f"t={k}" if k != "end" else "end" for k in keys] + [f"within@{k}" for k in WITHIN_KEYS]
     row = lambda label, vals: f"{label:14s}" + "".join(f"{v:>11s}" for v in vals)  # noqa: E731
     lines = [row(title, cols)]
     for name, label in (("reward", "reward model"), *BASELINES.items()):
         if name in report["auroc"]:
             w = report["within"].get(name, {})
             vals = [report["auroc"][name].get(k) for k in keys] + [
-                w.get(k, {}).get("auroc") for k in ("64", "end")
+                w.get(k, {}).get("auroc") for k in WITHIN_KEYS
             ]
             lines.append(row(label, [_fmt(v) for v in vals]))
     w = report["within"].get("reward", {})
-    pairs = [f"{w[k]['pairs']}p/{w[k]['groups']}g" if k in w else "-" for k in ("64", "end")]
+    pairs = [f"{w[k]['pairs']}p/{w[k]['groups']}g" if k in w else "-" for k in WITHIN_KEYS]
     lines.append(row("n traces", [str(report["n_val_at"][k]) for k in keys] + pairs))
     ci = report.get("ci64") or {}
     if ci:
@@ -217,6 +220,14 @@ def _table(report: dict, title: str) -> list[str]:
         if wd.get("ci"):
             parts.append(f"within-problem reward - confidence {_fmt_ci(wd['ci'], signed=True)}")
         lines.append("95% CI at t=64 (resampling problems): " + "; ".join(parts))
+    diff = report["within"].get("reward-confidence", {})
+    within_ci = [
+        f"t={k}: reward {_fmt_ci(w[k]['ci'])}, reward - confidence {_fmt_ci(diff[k].get('ci'), signed=True)}"
+        for k in WITHIN_KEYS
+        if k != "64" and (w.get(k) or {}).get("ci") and k in diff
+    ]
+    if within_ci:
+        lines.append("within-problem 95% CI: " + "; ".join(within_ci))
     lines.append("verdict: " + (report.get("verdict") or verdict(report)))
     return lines
 
