@@ -208,6 +208,10 @@ def test_lm_eval_model_arguments_are_checked_with_one_line(trained):
     common = dict(pretrained=trained["model"], device="cpu", dtype="float32")
     with pytest.raises(LRSError, match="changes the prompt, which the lm-eval task defines"):
         LRSLM(**common, method="cot")
+    with pytest.raises(
+        LRSError, match="lm-eval asks for one completion per request: use `lrs eval --method bon`"
+    ):
+        LRSLM(**common, method="bon")
     with pytest.raises(LRSError, match="needs encoder=FILE and reward=FILE"):
         LRSLM(**common, method="lrs")
     with pytest.raises(LRSError, match=r"layer=0 but the lrs artefacts steer layer\(s\) \[1\]"):

@@ -227,6 +227,8 @@ def cmd_eval(args) -> None:
         raise LRSError(
             f"--shadow scores an unsteered run; --method {ev.method} logs its own scores with --log-tokens"
         )
+    if get_method(ev.method).steerer == "select":
+        stages.check_best_of_n(ev, so, rd)
     model, tok = stages.load(build(C.ModelConfig, args))
     res = stages.run_eval(model, tok, tc, gc, ev, so, rd)
     if not share().main:  # data-parallel: every process has the result, the first one reports it

@@ -205,8 +205,18 @@ class EvalConfig:
         "(--encoder/--reward, default the run's) exactly as LRS would, without steering (implies --log-tokens)",
     )
 
+    n: int = opt(4, "--method bon: sampled completions per problem")
+    temperature: float = opt(0.7, "--method bon: sampling temperature")
+    select: str = opt(
+        "reward_end",
+        "--method bon: how to pick among the samples (reward_end: the reward after the last token; reward_mean; "
+        "confidence; majority; random)",
+        choices=("reward_end", "reward_mean", "confidence", "majority", "random"),
+    )
+
     def __post_init__(self) -> None:
         _at_least(self, "shots", 0)
+        _at_least(self, "n", 1)
 
 
 @dataclass

@@ -13,18 +13,27 @@ Selectors:
 - ``confidence``: the mean top-token probability;
 - ``majority``: the most frequent extracted answer (ties: the earliest sample among the tied answers);
 - ``random``: sample 0; ``pass@N`` (any sample correct) bounds every selector from above.
+
+:func:`evaluate_best_of_n` is the same pick as an evaluation method (``lrs eval --method bon``) on any split.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lrs.errors import LRSError
 from lrs.stats import mcnemar_exact, proportion_ci
+
+if TYPE_CHECKING:
+    from lrs.tasks import Problem
 
 SELECTORS = ("reward_end", "reward_mean", "confidence", "majority", "random")
 
@@ -38,6 +47,9 @@ class Candidate:
     answer: str | None
     reward: np.ndarray  # per-token reward logits [T]
     conf: np.ndarray  # per-token top-token probabilities [T]
+    text: str = ""  # the completion (what an evaluation record shows for the pick)
+    tokens: int = 0
+    truncated: bool = False
 
 
 def pick(cands: list[Candidate], selector: str) -> Candidate:
@@ -99,7 +111,7 @@ def best_of_n(problems: dict[str, list[Candidate]], min_samples: int = 2) -> dic
 def candidates_from_traces(ts, enc, rm) -> dict[str, list[Candidate]]:
     """Score every trace of a collection with ``enc`` and ``rm``; group the candidates by problem."""
     from lrs.reward import score_traces
-    from lrs.stages import reward_inputs
+    from lrs.reward.train import reward_inputs
 
     x = reward_inputs(ts, enc)
     with torch.no_grad():
@@ -113,9 +125,153 @@ def candidates_from_traces(ts, enc, rm) -> dict[str, list[Candidate]]:
                 answer=rec.get("answer"),
                 reward=s.float().numpy(),
                 conf=c.float().numpy(),
+                text=rec.get("text", ""),
+                tokens=int(rec.get("length", len(s))),
+                truncated=bool(rec.get("truncated", False)),
             )
         )
     return out
+
+
+def evaluate_best_of_n(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    enc,
+    rm,
+    out_dir: str | Path,
+    *,
+    n: int = 4,
+    temperature: float = 0.7,
+    select: str = "reward_end",
+    max_new_tokens: int = 384,
+    batch_size: int = 16,
+    seed: int = 0,
+    name: str = "bon",
+    reuse: bool = True,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """``lrs eval --method bon``: sample ``n`` completions per problem, keep the one ``select`` picks, and
+    write an ordinary evaluation result (``<name>.jsonl`` + ``.summary.json``) that pairs with base.
+
+    The samples are a trace collection in ``<out_dir>/bon-samples-<key>`` (resumable like ``lrs collect``;
+    the encoder's layer is recorded; the key covers only what changes the samples), so a killed run
+    continues, another ``select`` or reward model reuses the samples, and ``lrs best-of-n --traces`` can
+    re-pick them. Each record is the picked completion with the usual fields plus ``bon``: the
+    selector, the picked sample, and every sample's correctness, answer and scores. The summary adds every
+    selector's accuracy on the same samples (``selectors``: random pick, majority vote, confidence, both
+    reward scores) and the tokens generated for all samples, since best-of-N costs n times a greedy run.
+    """
+    from lrs.artifacts import tensor_hash
+    from lrs.distributed import share
+    from lrs.encoders.base import encoder_hash
+    from lrs.environment import git_revision, versions
+    from lrs.evaluate import _ids_hash, load_result, write_result
+    from lrs.grading import last_boxed
+    from lrs.models import model_fingerprint, model_name
+    from lrs.runs import cache_key
+    from lrs.tasks import build_prompts
+    from lrs.traces import collect_traces
+
+    if select not in SELECTORS:
+        raise LRSError(f"unknown selector '{select}': use one of {', '.join(SELECTORS)}")
+    if n < 2 or temperature <= 0:
+        raise LRSError(
+            "best-of-N needs --n 2 or more and --temperature above 0 (greedy samples are identical)"
+        )
+    out_dir = Path(out_dir)
+    parts = dict(
+        method="bon",
+        problems=_ids_hash(problems),
+        model=model_fingerprint(model),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        n=n,
+        temperature=temperature,
+        select=select,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        encoder=encoder_hash(enc),
+        reward=tensor_hash(rm.tensors()),
+    )
+    key = cache_key(parts)
+    if reuse:
+        old = load_result(out_dir, name)
+        if old is not None and old["summary"].get("cache_key") == key:
+            return old | {"cached": True}
+    t0 = time.perf_counter()
+    # the samples do not depend on the selector or the reward model: another --select reuses them
+    gen = {
+        k: parts[k]
+        for k in ("problems", "model", "dtype", "n", "temperature", "max_new_tokens", "batch_size", "seed")
+    }
+    traces = out_dir / f"bon-samples-{cache_key(gen)}"
+    ts = collect_traces(
+        model, tokenizer, problems, traces, layers=[enc.layer], samples_per_problem=n,
+        temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    cands = candidates_from_traces(ts, enc, rm)
+    table = best_of_n(cands)
+    prompts = build_prompts(tokenizer, problems, style="base")
+    records = []
+    for p, prompt in zip(problems, prompts, strict=True):
+        cs = sorted(cands[p.id], key=lambda c: c.sample)
+        c = pick(cs, select)
+        samples = [
+            dict(sample=x.sample, correct=x.correct, answer=x.answer, tokens=x.tokens,
+                 reward_end=float(x.reward[-1]), reward_mean=float(x.reward.mean()),
+                 confidence=float(x.conf.mean()))
+            for x in cs
+        ]  # fmt: skip
+        records.append(
+            dict(id=p.id, prompt=prompt, output=c.text, pred=c.answer, gold=p.answer, correct=c.correct,
+                 tokens=c.tokens, truncated=c.truncated,
+                 bon=dict(select=select, picked=c.sample, n=len(cs), samples=samples))
+        )  # fmt: skip
+    k = sum(r["correct"] for r in records)
+    all_tokens = sum(x["tokens"] for r in records for x in r["bon"]["samples"])
+    summary = dict(
+        method="bon",
+        name=name,
+        n=len(records),
+        accuracy=k / len(records),
+        ci95=list(proportion_ci(k, len(records), method="wilson")),
+        ci_method="wilson",
+        mean_tokens=sum(r["tokens"] for r in records) / len(records),
+        generated_tokens=all_tokens,  # every sample's, the cost of best-of-N
+        truncated=sum(r["truncated"] for r in records),
+        boxed=sum(last_boxed(r["output"]) is not None for r in records),
+        wall_time_s=wall,  # generation and recording in this launch (0-ish when the traces were complete)
+        tokens_per_s=all_tokens / wall if wall > 0 else None,
+        model=model_name(model),
+        device=str(next(model.parameters()).device),
+        dtype=parts["dtype"],
+        seed=seed,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prompt_style="base",
+        greedy=False,
+        samples_per_problem=n,
+        temperature=temperature,
+        select=select,
+        selectors=table["selectors"],
+        pass_at_n=table["pass_at_n"],
+        mixed_problems=table["mixed_problems"],
+        traces=str(traces),
+        threads=torch.get_num_threads(),
+        cache_key=key,
+        key_parts=parts,
+        versions=versions(),
+        git=git_revision(),
+        **(extra or {}),
+    )
+    result = {"summary": summary, "records": records}
+    if share().main:  # data-parallel: every process collected its share and built the same result
+        write_result(result, out_dir, name)
+    return result
 
 
 def format_best_of_n(res: dict) -> str:

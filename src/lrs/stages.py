@@ -13,8 +13,6 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
-
 from lrs.artifacts import atomic_write_json
 from lrs.config import (
     CollectConfig,
@@ -27,6 +25,7 @@ from lrs.config import (
     TaskConfig,
 )
 from lrs.errors import LRSError
+from lrs.reward.train import reward_inputs
 from lrs.runs import RunDir, cache_key
 from lrs.steering import METHODS, LatentRewardSteerer, SteerConfig, SteeringVectors, get_method
 from lrs.tasks import Problem, load_task
@@ -151,25 +150,6 @@ def fit_encoder(ts, ec: EncoderConfig, seed: int = 0):
     enc.rescale = ec.rescale
     enc.provenance = traces_provenance(ts, layer)
     return enc, metrics
-
-
-def reward_inputs(ts, enc) -> dict:
-    """Encode every trace's states: the reward trainer's inputs (latents, labels, groups, conf, prompt)."""
-    L = enc.layer
-    if L not in ts.layers:
-        raise LRSError(f"encoder layer {L} was not collected in {ts.path} (collected: {ts.layers})")
-    out: dict = dict(latents=[], labels=[], groups=[], conf=[], prompt=[])
-    with torch.no_grad():
-        for t in ts:
-            if not torch.isfinite(t.hidden[L]).all():
-                raise LRSError(f"trace {t.id} in {ts.path} holds NaN or inf hidden states; collect it again")
-            out["latents"].append(enc.encode(t.hidden[L]).float())
-            out["labels"].append(t.label)
-            out["groups"].append(t.problem_id)
-            out["conf"].append(t.conf.float())
-            out["prompt"].append(t.prompt[L].float())
-    out["values"] = [r.get("values") for r in ts.records]  # Monte-Carlo value labels (collect --rollouts)
-    return out
 
 
 def train_reward(ts, enc, rc: RewardTrainConfig, seed: int = 0, heldout=None):
@@ -351,7 +331,7 @@ def tune(
     check_budget(model, gc.max_new_tokens)
     key = artefact_key(rd, so)
     for m in [*methods, *(inherit or {})]:
-        if get_method(m).steerer is None:
+        if get_method(m).steerer in (None, "select"):
             raise LRSError(f"'{m}' has no settings to tune; tune one of {', '.join(TUNED_METHODS)}")
     with rd.lock(f"tune-{key}"):
         return _tune(model, tok, dev, rd, g, gc, so, key, grid, tuple(methods), dict(inherit or {}))
@@ -463,6 +443,8 @@ def run_eval(
     probs = problems(tc)
     out = check_dir_target(Path(ev.out) if ev.out else rd.eval_dir(tc.task, tc.split), "--out")
     check_budget(model, gc.max_new_tokens)
+    if m.steerer == "select":
+        return _run_best_of_n(model, tok, probs, tc, gc, ev, so, rd, out)
     tuned = None
     if so.tuned and m.steerer and m.steerer not in ("file", "file-random", "adapter"):
         tuned = rd.load_tuned(artefact_key(rd, so))
@@ -523,6 +505,47 @@ def run_eval(
     if sh.main:
         warn_if_steering_skipped(res["summary"])
     return res
+
+
+def check_best_of_n(ev: EvalConfig, so: SteerOverrides, rd: RunDir) -> tuple[Path, Path]:
+    """``--method bon``'s settings and artefact paths, refused with one line before any model is loaded."""
+    if ev.n < 2 or ev.temperature <= 0:
+        raise LRSError(
+            "best-of-N needs --n 2 or more and --temperature above 0 (greedy samples are identical)"
+        )
+    if ev.log_tokens or ev.shadow:
+        raise LRSError(
+            "--method bon keeps every sample's scores in its records; --log-tokens/--shadow do not apply"
+        )
+    enc_path = Path(so.encoder) if so.encoder else rd.encoder
+    rm_path = Path(so.reward) if so.reward else rd.reward
+    for p, what in ((enc_path, "encoder"), (rm_path, "reward model")):
+        if not p.exists():
+            raise LRSError(f"--method bon needs a{'n' if what == 'encoder' else ''} {what}: none at {p} "
+                           "(--encoder/--reward, or run `lrs fit-encoder` and `lrs train-reward` first)")  # fmt: skip
+    return enc_path, rm_path
+
+
+def _run_best_of_n(model, tok, probs, tc: TaskConfig, gc: GenConfig, ev: EvalConfig, so: SteerOverrides, rd: RunDir,
+                   out: Path) -> dict:  # fmt: skip
+    """``--method bon``: the run's (or the given) encoder and reward model pick one of ``ev.n`` samples."""
+    from lrs.encoders import load_encoder
+    from lrs.reward import load_reward_model
+    from lrs.selection import evaluate_best_of_n
+    from lrs.steering import check_model
+    from lrs.steering.latent import check_pair
+
+    enc_path, rm_path = check_best_of_n(ev, so, rd)
+    enc, rm = load_encoder(enc_path), load_reward_model(rm_path)
+    check_pair(enc, rm)
+    check_model(enc, model)
+    with rd.lock(f"eval-bon-{cache_key({'out': str(out.resolve())})}", f"{out} (bon)"):
+        return evaluate_best_of_n(
+            model, tok, probs, enc, rm, out, n=ev.n, temperature=ev.temperature, select=ev.select,
+            max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size, seed=gc.seed, reuse=not ev.force,
+            extra=dict(task=tc.task, split=tc.split, limit=tc.limit, split_seed=tc.split_seed,
+                       encoder=str(enc_path), reward=str(rm_path)),
+        )  # fmt: skip
 
 
 def warn_if_steering_skipped(summary: dict) -> None:

@@ -212,8 +212,15 @@ def make_steerer(
 
     m = get_method(method)
     if m.prompt_style != "base":
-        usable = ", ".join(k for k, v in METHODS.items() if v.prompt_style == "base")
+        usable = ", ".join(
+            k for k, v in METHODS.items() if v.prompt_style == "base" and v.steerer != "select"
+        )
         raise LRSError(f"method={method} changes the prompt, which the lm-eval task defines: use {usable}")
+    if m.steerer == "select":
+        raise LRSError(
+            "method=bon samples several completions and keeps one; lm-eval asks for one completion per request: "
+            "use `lrs eval --method bon`"
+        )
     if m.steerer is None:
         return None
     if m.steerer == "latent" and run is None and (encoder is None or reward is None):

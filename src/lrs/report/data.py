@@ -174,13 +174,22 @@ def run_config(results: dict[str, dict], eval_dir: Path) -> dict:
             dict(
                 method=name,
                 cache_key=s.get("cache_key"),
-                kind=sst.get("kind", "none" if not sst else "?"),
+                kind=(
+                    f"best-of-{s['samples_per_problem']} by {s['select']} (T = {s['temperature']})"
+                    if s.get("method") == "bon"
+                    else sst.get("kind", "none" if not sst else "?")
+                ),
                 k=c.get("k"),
                 alpha=c.get("alpha", sst.get("alpha")),
                 tau_r=_tau_r(s),
                 tau_c=c.get("tau_c"),
                 artefacts=", ".join(
                     f"{k} {_short(sst[k])}" for k in ("encoder", "reward", "vectors", "adapter") if sst.get(k)
+                )
+                or ", ".join(  # best-of-N: the hashes of the encoder and reward model that picked
+                    f"{k} {_short((s.get('key_parts') or {}).get(k))}"
+                    for k in ("encoder", "reward")
+                    if s.get("method") == "bon"
                 ),
                 logged=", ".join(k for k in ("tokens", "events", "shadow") if log.get(k)) or "–",
                 n=s.get("n"),

@@ -91,6 +91,15 @@ def config_section(ctx: Context) -> list:
     return blocks
 
 
+def _sampled(ctx) -> str:
+    """Best-of-N results are not greedy: say so where the headline says "greedy decoding"."""
+    bon = [r for r in ctx.results.values() if r["summary"].get("method") == "bon"]
+    return "".join(
+        f" (bon: the pick among {r['summary']['samples_per_problem']} samples at T = {r['summary']['temperature']})"
+        for r in bon[:1]
+    )
+
+
 def _row_cells(r: dict) -> list[str]:
     lo, hi = r["ci95"]
     delta = fixed = broken = p = ""
@@ -164,7 +173,7 @@ def headline_section(ctx: Context) -> list:
         Heading(2, TITLES["headline"], "headline"),
         Raw(_glance(rows, vc)),
         Para(
-            f"n = {n} {split} problems, greedy decoding. A 95% CI is about ±{100 * width / 2:.0f} points wide at this n, so "
+            f"n = {n} {split} problems, greedy decoding{_sampled(ctx)}. A 95% CI is about ±{100 * width / 2:.0f} points wide at this n, so "
             "differences smaller than that are not evidence. Steering settings were chosen on the dev split only."
         ),
         Table(

@@ -430,3 +430,22 @@ def _fit(rm, xs, y, groups, tr, va, progress, vt=None) -> tuple[RewardModel, int
     if best_state is not None:
         rm.load_state_dict(best_state)
     return rm.eval(), best_epoch, history
+
+
+def reward_inputs(ts, enc) -> dict:
+    """Encode every trace's states: the reward trainer's inputs (latents, labels, groups, conf, prompt)."""
+    L = enc.layer
+    if L not in ts.layers:
+        raise LRSError(f"encoder layer {L} was not collected in {ts.path} (collected: {ts.layers})")
+    out: dict = dict(latents=[], labels=[], groups=[], conf=[], prompt=[])
+    with torch.no_grad():
+        for t in ts:
+            if not torch.isfinite(t.hidden[L]).all():
+                raise LRSError(f"trace {t.id} in {ts.path} holds NaN or inf hidden states; collect it again")
+            out["latents"].append(enc.encode(t.hidden[L]).float())
+            out["labels"].append(t.label)
+            out["groups"].append(t.problem_id)
+            out["conf"].append(t.conf.float())
+            out["prompt"].append(t.prompt[L].float())
+    out["values"] = [r.get("values") for r in ts.records]  # Monte-Carlo value labels (collect --rollouts)
+    return out

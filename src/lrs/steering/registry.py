@@ -16,7 +16,7 @@ class Method:
     """One evaluation method.
 
     ``steerer`` is ``None`` (prompting only), ``"latent"`` (:class:`~lrs.steering.latent.LatentRewardSteerer`),
-    ``"vector"`` (diffmean, built from the run's traces) ``"file"`` (a saved ``SteeringVectors`` artefact) or ``"adapter"`` (a PEFT LoRA folder); ``gate`` and ``control`` configure the latent
+    ``"vector"`` (diffmean, built from the run's traces) ``"file"`` (a saved ``SteeringVectors`` artefact), ``"adapter"`` (a PEFT LoRA folder) or ``"select"`` (no steering: best-of-N by the latent reward); ``gate`` and ``control`` configure the latent
     steerer; ``tuned`` names the settings ``lrs tune`` chooses for it on dev.
     """
 
@@ -62,6 +62,11 @@ METHODS: dict[str, Method] = {
             "lora",
             "a LoRA adapter folder (e.g. RL-trained by lrs train-vectors --param lora)",
             steerer="adapter",
+        ),
+        Method(
+            "bon",
+            "best of --n sampled completions, picked by the latent reward (--select; needs --encoder/--reward)",
+            steerer="select",
         ),
         Method(
             "vectors-random",
