@@ -167,9 +167,8 @@ def evaluate_best_of_n(
     from lrs.distributed import share
     from lrs.encoders.base import encoder_hash
     from lrs.environment import git_revision, versions
-    from lrs.evaluate import _ids_hash, load_result, write_result
-    from lrs.grading import last_boxed
-    from lrs.models import model_fingerprint, model_name
+    from lrs.evaluate import _ids_hash, load_result, model_fields, outcome_fields, write_result
+    from lrs.models import model_fingerprint
     from lrs.runs import cache_key
     from lrs.tasks import build_prompts
     from lrs.traces import collect_traces
@@ -231,24 +230,15 @@ def evaluate_best_of_n(
                  tokens=c.tokens, truncated=c.truncated,
                  bon=dict(select=select, picked=c.sample, n=len(cs), samples=samples))
         )  # fmt: skip
-    k = sum(r["correct"] for r in records)
     all_tokens = sum(x["tokens"] for r in records for x in r["bon"]["samples"])
     summary = dict(
         method="bon",
         name=name,
-        n=len(records),
-        accuracy=k / len(records),
-        ci95=list(proportion_ci(k, len(records), method="wilson")),
-        ci_method="wilson",
-        mean_tokens=sum(r["tokens"] for r in records) / len(records),
+        **outcome_fields(records),
         generated_tokens=all_tokens,  # every sample's, the cost of best-of-N
-        truncated=sum(r["truncated"] for r in records),
-        boxed=sum(last_boxed(r["output"]) is not None for r in records),
         wall_time_s=wall,  # generation and recording in this launch (0-ish when the traces were complete)
         tokens_per_s=all_tokens / wall if wall > 0 else None,
-        model=model_name(model),
-        device=str(next(model.parameters()).device),
-        dtype=parts["dtype"],
+        **model_fields(model),
         seed=seed,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
