@@ -34,7 +34,7 @@ import torch
 
 from lrs.errors import LRSError
 from lrs.generation import eos_ids, generate, layer_output
-from lrs.models import decoder_layers
+from lrs.models import decoder_layers, model_dtype
 
 #: the values of ``lrs collect --backend``
 BACKENDS = ("transformers", "vllm")
@@ -359,11 +359,6 @@ def model_source(model) -> str:
             )
         return str(path.resolve())
     return src
-
-
-def model_dtype(model) -> str:
-    """The model's parameter dtype as vLLM spells it (``bfloat16``, ``float16``, ``float32``)."""
-    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 class VLLMGenerator:

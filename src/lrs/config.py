@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 from lrs.errors import LRSError
 
+#: best-of-N selectors (``lrs.selection`` implements them; ``EvalConfig.select`` offers them)
+SELECTORS = ("reward_end", "reward_mean", "confidence", "majority", "random")
+
 T = TypeVar("T")
 
 
@@ -211,7 +214,7 @@ class EvalConfig:
         "reward_end",
         "--method bon: how to pick among the samples (reward_end: the reward after the last token; reward_mean; "
         "confidence; majority; random)",
-        choices=("reward_end", "reward_mean", "confidence", "majority", "random"),
+        choices=SELECTORS,
     )
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ from lrs.environment import git_revision, versions
 from lrs.errors import LRSError
 from lrs.generation import batches_of, generate
 from lrs.grading import grade, last_boxed
-from lrs.models import model_fingerprint, model_name
+from lrs.models import model_dtype, model_fingerprint, model_name
 from lrs.runs import cache_key
 from lrs.stats import paired_comparison, proportion_ci
 from lrs.tasks import Problem, build_prompts
@@ -99,7 +99,7 @@ def result_key(
         prompt_style=style,
         problems=_ids_hash(problems),
         model=model_fingerprint(model),
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=model_dtype(model),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,
@@ -362,7 +362,7 @@ def model_fields(model) -> dict:
     return dict(
         model=model_name(model),
         device=str(next(model.parameters()).device),
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=model_dtype(model),
     )
 
 

@@ -129,6 +129,12 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def model_dtype(model: nn.Module) -> str:
+    """The model's parameter dtype without the ``torch.`` prefix (``bfloat16``, ``float16``, ``float32``), as
+    results, cache keys, trace manifests and vLLM spell it."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
 def model_name(model: nn.Module) -> str:
     """The spec the model was loaded from (for provenance), else its `config._name_or_path`."""
     spec = getattr(model, "lrs_spec", None)

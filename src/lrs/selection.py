@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lrs.config import SELECTORS
 from lrs.errors import LRSError
 from lrs.stats import mcnemar_exact, proportion_ci
 
 if TYPE_CHECKING:
     from lrs.tasks import Problem
-
-SELECTORS = ("reward_end", "reward_mean", "confidence", "majority", "random")
 
 
 @dataclass
@@ -133,6 +132,17 @@ def candidates_from_traces(ts, enc, rm) -> dict[str, list[Candidate]]:
     return out
 
 
+def check_settings(n: int, temperature: float, select: str) -> None:
+    """Refuse best-of-N settings that cannot work, with one line: fewer than 2 samples, greedy sampling, or an
+    unknown selector."""
+    if select not in SELECTORS:
+        raise LRSError(f"unknown selector '{select}': use one of {', '.join(SELECTORS)}")
+    if n < 2 or temperature <= 0:
+        raise LRSError(
+            "best-of-N needs --n 2 or more and --temperature above 0 (greedy samples are identical)"
+        )
+
+
 def evaluate_best_of_n(
     model,
     tokenizer,
@@ -168,23 +178,18 @@ def evaluate_best_of_n(
     from lrs.encoders.base import encoder_hash
     from lrs.environment import git_revision, versions
     from lrs.evaluate import _ids_hash, load_result, model_fields, outcome_fields, write_result
-    from lrs.models import model_fingerprint
+    from lrs.models import model_dtype, model_fingerprint
     from lrs.runs import cache_key
     from lrs.tasks import build_prompts
     from lrs.traces import collect_traces
 
-    if select not in SELECTORS:
-        raise LRSError(f"unknown selector '{select}': use one of {', '.join(SELECTORS)}")
-    if n < 2 or temperature <= 0:
-        raise LRSError(
-            "best-of-N needs --n 2 or more and --temperature above 0 (greedy samples are identical)"
-        )
+    check_settings(n, temperature, select)
     out_dir = Path(out_dir)
     parts = dict(
         method="bon",
         problems=_ids_hash(problems),
         model=model_fingerprint(model),
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=model_dtype(model),
         n=n,
         temperature=temperature,
         select=select,

@@ -509,10 +509,9 @@ def run_eval(
 
 def check_best_of_n(ev: EvalConfig, so: SteerOverrides, rd: RunDir) -> tuple[Path, Path]:
     """``--method bon``'s settings and artefact paths, refused with one line before any model is loaded."""
-    if ev.n < 2 or ev.temperature <= 0:
-        raise LRSError(
-            "best-of-N needs --n 2 or more and --temperature above 0 (greedy samples are identical)"
-        )
+    from lrs.selection import check_settings
+
+    check_settings(ev.n, ev.temperature, ev.select)
     if ev.log_tokens or ev.shadow:
         raise LRSError(
             "--method bon keeps every sample's scores in its records; --log-tokens/--shadow do not apply"

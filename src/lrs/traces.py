@@ -36,7 +36,7 @@ from lrs.distributed import barrier, share
 from lrs.errors import LRSError
 from lrs.generation import DecodeTracker, Generation, eos_ids, generate, layer_output
 from lrs.grading import grade
-from lrs.models import decoder_layers, model_fingerprint, model_name, resolve_layer
+from lrs.models import decoder_layers, model_dtype, model_fingerprint, model_name, resolve_layer
 from lrs.runs import exclusive
 from lrs.tasks import Problem, build_prompts
 
@@ -292,7 +292,7 @@ def collect_traces(
             model=model_name(model),
             model_fingerprint=model_fingerprint(model),
             n_layers=len(decoder_layers(model)),
-            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+            dtype=model_dtype(model),
             layers=layers,
             problems=[p.id for p in problems],
             samples_per_problem=samples_per_problem,

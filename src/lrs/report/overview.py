@@ -93,11 +93,8 @@ def config_section(ctx: Context) -> list:
 
 def _sampled(ctx) -> str:
     """Best-of-N results are not greedy: say so where the headline says "greedy decoding"."""
-    bon = [r for r in ctx.results.values() if r["summary"].get("method") == "bon"]
-    return "".join(
-        f" (bon: the pick among {r['summary']['samples_per_problem']} samples at T = {r['summary']['temperature']})"
-        for r in bon[:1]
-    )
+    s = next((r["summary"] for r in ctx.results.values() if r["summary"].get("method") == "bon"), None)
+    return f" (bon: the pick among {s['samples_per_problem']} samples at T = {s['temperature']})" if s else ""
 
 
 def _row_cells(r: dict) -> list[str]:
