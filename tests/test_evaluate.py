@@ -250,3 +250,59 @@ def test_generate_skips_finished_batches_and_reports_each_batch():
     assert [idx for idx, _ in seen] == [[2, 3], [4]]  # a batch only partly skipped is generated whole
     assert all(part[i].token_ids == full[i].token_ids for i in (2, 3, 4))
     assert all(ids == [full[i].token_ids for i in idx] for idx, ids in seen)
+
+
+# ---- growing a finished result to more problems ------------------------------------------------------------
+
+
+def test_a_larger_limit_grows_a_finished_result_generating_only_the_new_problems(tmp_path, monkeypatch):
+    import lrs.evaluate as ev
+    import lrs.generation as gen
+
+    monkeypatch.setattr(ev, "grade", fake_grade)
+    probs = resume_problems()
+    kw = dict(out_dir=tmp_path, method="diffmean", **RESUME_KW)
+    model, tok = make_model("qwen2"), make_tokenizer()
+    small = evaluate(model, tok, probs[:5], steerer=make_steerer(), **kw)
+    asked = []
+    real = gen.generate
+
+    def counting(model, tok, prompts, **k):
+        asked.append(len(prompts))
+        return real(model, tok, prompts, **k)
+
+    monkeypatch.setattr(ev, "generate", counting)
+    big = evaluate(model, tok, probs, steerer=make_steerer(), **kw)
+    assert asked == [3]  # only the three new problems were generated
+    s = big["summary"]
+    assert s["n"] == 8 and s["grown_from"] == {"n": 5, "cache_key": small["summary"]["cache_key"]}
+    assert [r["id"] for r in big["records"]] == [p.id for p in probs]
+    assert big["records"][:5] == small["records"]  # the earlier records are kept as they were
+    alone = evaluate(model, tok, probs[5:], steerer=make_steerer(), **{**kw, "out_dir": tmp_path / "alone"})
+    assert big["records"][5:] == alone["records"]  # the new ones are exactly a run on the new problems
+    assert s["accuracy"] == sum(r["correct"] for r in big["records"]) / 8
+    steps = sum(r["steer_steps"] for r in big["records"])
+    assert s["steering"]["generated_steps"] == steps > 0  # totals over all eight problems
+    assert load_result(tmp_path, "diffmean")["records"] == big["records"]
+    assert not list(tmp_path.glob("*.grow*")) and not list(tmp_path.glob("*.partial*"))
+    assert "5 problems from the earlier result" in summary_line(s)
+    # the same run again is answered by the grown result; other settings do not grow (a fresh run)
+    asked.clear()
+    assert evaluate(model, tok, probs, steerer=make_steerer(), **kw).get("cached") and asked == []
+    other = evaluate(model, tok, probs, steerer=make_steerer(), **{**kw, "max_new_tokens": 5})
+    assert asked == [8] and "grown_from" not in other["summary"]
+
+
+def test_a_changed_prompt_or_answer_is_never_grown_from(tmp_path, monkeypatch):
+    import lrs.evaluate as ev
+
+    monkeypatch.setattr(ev, "grade", fake_grade)
+    probs = resume_problems()
+    model, tok = make_model("qwen2"), make_tokenizer()
+    evaluate(model, tok, probs[:4], out_dir=tmp_path, **RESUME_KW)
+    path = tmp_path / "base.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    recs[0]["prompt"] += " (an older template)"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = evaluate(model, tok, probs, out_dir=tmp_path, **RESUME_KW)
+    assert "grown_from" not in res["summary"] and res["records"][0]["prompt"] != recs[0]["prompt"]

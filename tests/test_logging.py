@@ -231,3 +231,25 @@ def test_cli_eval_logs_tokens_and_shadow_scores(tmp_path, capsys):
     assert "cached" in capsys.readouterr().out
     assert main(["eval", *common, "--method", "lrs", "--shadow"]) == 2
     assert "--shadow scores an unsteered run" in capsys.readouterr().err
+
+
+def test_a_grown_result_keeps_every_problems_wide_latents_in_its_own_sidecar(tmp_path):
+    model, tok, enc, rm = _parts(n_latents=80)
+
+    def run(probs):
+        st = LatentRewardSteerer(enc, rm, CFG, log_events=True)
+        return evaluate(model, tok, probs, method="lrs", steerer=st, out_dir=tmp_path, **KW)
+
+    small = run(PROBS[:2])
+    z_small = load_latents(tmp_path, "lrs")
+    grown = run(PROBS)
+    assert grown["summary"]["grown_from"]["n"] == 2
+    z = load_latents(tmp_path, "lrs")
+    assert set(z) == {r["id"] for r in grown["records"] if r["steers"]} and len(z) > len(z_small)
+    for rec in grown["records"]:
+        assert rec["latents"] == "lrs.latents.safetensors"
+        assert z[rec["id"]]["z_pre"].shape == (rec["steers"], 80)
+    for pid in z_small:  # the earlier problems' latents are the earlier run's
+        assert torch.equal(z[pid]["z_pre"], z_small[pid]["z_pre"])
+    assert small["records"] == grown["records"][:2]
+    assert not (tmp_path / "lrs.grow.latents.safetensors").exists()

@@ -122,10 +122,85 @@ def _reusable(summary: dict, key: str, parts: dict) -> bool:
     """An existing result answers this run: same key, or the same result logged with at least what is asked."""
     if summary.get("cache_key") == key:
         return True
+    have = summary.get("key_parts") or {}
+    if "grown_from" in have and _without(have, "grown_from") == parts:  # a grown result answers its run
+        return True
     if summary.get("unlogged_key") != _unlogged_key(parts):
         return False
     have = (summary.get("key_parts") or {}).get("log") or {}
     return all(have.get(k) == v for k, v in (parts.get("log") or {}).items())
+
+
+# ---- growing a finished result to more problems ---------------------------------------------------------
+# ``lrs eval --limit 600`` after a finished ``--limit 300`` run with the same settings and output folder
+# generates only the 300 new problems (as their own run, ``<name>.grow``: resumable, data-parallel like any
+# run) and writes the 600-problem result. Its records for the first 300 are the earlier run's, so it is not
+# bit-for-bit what one 600-problem run would give (batches are formed from the prompts a run holds, and bf16
+# sums depend on the batch), and its key says so: ``key_parts["grown_from"]`` is the earlier result's key.
+
+GROW_SUFFIX = ".grow"
+
+
+def _without(parts: dict, *names: str) -> dict:
+    return {k: v for k, v in parts.items() if k not in names}
+
+
+def _grows(old: dict, parts: dict, problems, tokenizer, style, shots, pool, seed) -> bool:
+    """A finished result can be grown into this run: the same settings (every key part but the problems),
+    its problems a strict subset of this run's with the same answers, and its records' prompts the ones this
+    run would build (a changed prompt template must not be mixed in)."""
+    have = old["summary"].get("key_parts") or {}
+    if _without(have, "problems", "grown_from") != _without(parts, "problems"):
+        return False
+    by_id = {p.id: p for p in problems}
+    recs = old["records"]
+    ids = [r.get("id") for r in recs]
+    if not recs or len(set(ids)) != len(ids) or len(ids) >= len(problems) or any(i not in by_id for i in ids):
+        return False
+    mine = [by_id[i] for i in ids]
+    prompts = build_prompts(tokenizer, mine, style=style, shots=shots, pool=pool, seed=seed)
+    return all(
+        r.get("gold") == p.answer and r.get("prompt") == q
+        for r, p, q in zip(recs, mine, prompts, strict=True)
+    )
+
+
+def _grown_result(old: dict, rest: dict, problems, out_dir: Path, name: str, parts: dict, sh: Share) -> dict:
+    """The earlier result and the run on the new problems as one result over ``problems`` (in their order):
+    summary fields recomputed from all records, steering totals too; time, speed and counters are the new
+    run's. Written under ``name``; the new run's own files are removed after."""
+    if not sh.main:
+        barrier(sh)
+        return _read_back(out_dir, name)
+    by_id = {r["id"]: r for r in old["records"]}
+    wide = load_latents(out_dir, name)
+    kept = {pid: z for pid, z in wide.items() if pid in by_id}
+    here = latents_path(Path("."), name).name
+    for r in rest["records"]:
+        by_id[r["id"]] = {**r, "latents": here} if "latents" in r else r
+    kept.update(rest.get("latents") or {})
+    recs = [by_id[p.id] for p in problems]
+    grown_parts = {**parts, "grown_from": old["summary"]["cache_key"]}
+    summary = {
+        **rest["summary"],
+        "name": name,
+        **outcome_fields(recs),
+        "grown_from": {"n": len(old["records"]), "cache_key": old["summary"]["cache_key"]},
+        "cache_key": cache_key(grown_parts),
+        "unlogged_key": _unlogged_key(grown_parts),
+        "key_parts": grown_parts,
+    }
+    if "steering" in summary:
+        summary["steering"] = {**summary["steering"], **steering_totals(recs)}
+    result = {"summary": summary, "records": recs}
+    if kept:
+        result["latents"] = {p.id: kept[p.id] for p in problems if p.id in kept}
+    write_result(result, out_dir, name)
+    for f in (out_dir / f"{name}{GROW_SUFFIX}.jsonl", out_dir / f"{name}{GROW_SUFFIX}.summary.json"):
+        f.unlink(missing_ok=True)
+    latents_path(out_dir, name + GROW_SUFFIX).unlink(missing_ok=True)
+    barrier(sh)
+    return result
 
 
 def evaluate(
@@ -215,6 +290,27 @@ def evaluate(
             if old is not None and _reusable(old["summary"], key, parts):
                 old["cached"] = True
                 return old
+            if old is not None and _grows(old, parts, problems, tokenizer, style, shots, fewshot_pool, seed):
+                have = {r["id"] for r in old["records"]}
+                rest = evaluate(
+                    model,
+                    tokenizer,
+                    [p for p in problems if p.id not in have],
+                    method=method,
+                    steerer=steerer,
+                    out_dir=out_dir,
+                    name=name + GROW_SUFFIX,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    seed=seed,
+                    shots=shots,
+                    fewshot_pool=fewshot_pool,
+                    extra=extra,
+                    progress=progress,
+                    log=log,
+                    ranks=ranks,
+                )
+                return _grown_result(old, rest, problems, out_dir, name, parts, sh)
         partial = partial_path(out_dir, name, sh.rank if sh.world > 1 else None)
         # without reuse (--force) an unfinished run is not resumed either: start over
         done = load_partial(partial, key, problems) if reuse else {}
@@ -663,4 +759,8 @@ def summary_line(summary: dict) -> str:
         line += f", truncated {summary['truncated'] / n:.1%}, \\boxed{{}} {summary['boxed'] / n:.1%}"
     if "steering" in summary:
         line += f", steer rate {summary['steering'].get('steer_rate', 0):.1%}"
+    if "grown_from" in summary:
+        line += (
+            f" ({summary['grown_from']['n']} problems from the earlier result, time and speed of the rest)"
+        )
     return line
