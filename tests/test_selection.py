@@ -145,6 +145,9 @@ def test_eval_method_bon_keeps_the_sample_the_reward_picks_and_reuses_samples(tm
         "| bon | 5 | best-of-3 by majority (T = 0.9) |" in md
         and "bon: the pick among 3 samples at T = 0.9" in md
     )
+    # best-of-N steers nothing: no rectification commands for it (it refuses --log-tokens)
+    assert "Rectification pairs base with a steered run; this report has no steered run." in md
+    assert "lrs eval --method lrs    --log-tokens" not in md and "bon carry no token ids" not in md
 
 
 def test_eval_method_bon_refuses_bad_settings_with_one_line(tmp_path, capsys):

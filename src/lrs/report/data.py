@@ -21,8 +21,9 @@ from lrs.grading import last_boxed
 from lrs.stats import mcnemar_mde, proportion_ci
 from lrs.steering import METHODS
 
-#: methods without steering: they are the references, never "steered"
-UNSTEERED = ("base", "cot", "fewshot")
+#: methods without steering: the references (prompt styles) and best-of-N, which picks among unsteered
+#: samples; none of them is "steered", so rectification and the trace cards never follow one
+UNSTEERED = ("base", "cot", "fewshot", "bon")
 #: each method's matched random control (same gate and |Δh| for LRS; the same per-layer norms for vectors)
 MATCHED_CONTROLS = {"lrs": "random", "vectors": "vectors-random"}
 
