@@ -149,6 +149,19 @@ def test_two_processes_steer_exactly_like_one_process(tmp_path):
     assert s2["steering"] == s1["steering"] and s1["steering"]["steered_tokens"] > 0
 
 
+def test_two_processes_grow_a_result_exactly_like_one_process(model_dir, tmp_path):
+    import shutil
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _eval(model_dir, one, 1, "--limit", "4")
+    shutil.copytree(one, two)
+    _eval(model_dir, one, 1)  # --limit 10: grows the 4-problem result
+    r = _eval(model_dir, two, 2, port=29537)
+    s1, s2 = _same_result(one, two)
+    assert s1["grown_from"] == s2["grown_from"] and s2["grown_from"]["n"] == 4 and s2["n"] == 10
+    assert r.stdout.count("base: accuracy") == 1 and not list(two.glob("*.grow*"))
+
+
 KILL_AFTER_FIRST_BATCH = textwrap.dedent(
     """
     import os, sys, time
