@@ -127,8 +127,8 @@ def _reusable(summary: dict, key: str, parts: dict) -> bool:
         return True
     if summary.get("unlogged_key") != _unlogged_key(parts):
         return False
-    have = (summary.get("key_parts") or {}).get("log") or {}
-    return all(have.get(k) == v for k, v in (parts.get("log") or {}).items())
+    logged = have.get("log") or {}
+    return all(logged.get(k) == v for k, v in (parts.get("log") or {}).items())
 
 
 # ---- growing a finished result to more problems ---------------------------------------------------------
